@@ -161,9 +161,17 @@ def stop_embedded(data_dir: str | os.PathLike[str]) -> bool:
 
 
 def connect(url: str, timeout_s: float = 2.0) -> redis.Redis:
-    """A client with bounded timeouts (a hung Redis must not hang a request)."""
+    """A client with bounded timeouts and no hidden retries.
+
+    redis-py 8 retries a refused connection for about four seconds by default; our writers sit
+    behind a :class:`~tickcast.storage.breaker.CircuitBreaker` that decides when to retry, so
+    the client fails fast instead.
+    """
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                health_check_interval=30)
+                                health_check_interval=30, retry=Retry(NoBackoff(), 0))
 
 
 def redact(url: str) -> str:
