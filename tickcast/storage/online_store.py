@@ -1,0 +1,228 @@
+"""Online features in Redis: the latest feature row per asset, for the serving path.
+
+Per asset, a hash ``features:<ASSET>`` with fields
+
+- ``bar_ts``: open time (UNIX ns) of the bar whose close produced the row,
+- ``schema``: the feature schema hash (``tickcast.features.definitions.schema_hash()``),
+- ``names``: JSON list of feature names,
+- ``values``: float64 little-endian bytes, one per name,
+- ``updated``: UNIX ns when the row was written,
+
+and a capped stream ``features_log:<ASSET>`` with the same fields per write (for audit and for
+replaying what the server saw). A write is one server-side script, so the hash and the log
+never disagree, and it never moves the hash back in time: a row for an older bar (a replay, or
+a late amendment of an earlier bar) is refused, while a row for the same bar (an amendment of
+the current bar) replaces it.
+
+The store holds a live client. Pickling keeps only its connection settings (host, port, db,
+credentials, timeouts); the copy opens its own connections on first use, the way redis-py
+connects lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import redis
+
+from tickcast.errors import InvalidInput, ServiceUnavailable
+
+HASH_PREFIX = "features:"
+LOG_PREFIX = "features_log:"
+_FIELDS = (b"bar_ts", b"schema", b"names", b"values", b"updated")
+
+# KEYS: hash, stream. ARGV: bar_ts, schema, names, values, updated, log maxlen.
+# Timestamps are compared as decimal strings (length, then lexicographic) because Lua numbers
+# are doubles and would blur nanoseconds.
+_WRITE_LUA = """
+local cur = redis.call('HGET', KEYS[1], 'bar_ts')
+if cur then
+  local new = ARGV[1]
+  if string.len(cur) > string.len(new) or (string.len(cur) == string.len(new) and cur > new) then
+    return 0
+  end
+end
+redis.call('HSET', KEYS[1], 'bar_ts', ARGV[1], 'schema', ARGV[2], 'names', ARGV[3],
+           'values', ARGV[4], 'updated', ARGV[5])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'bar_ts', ARGV[1], 'schema', ARGV[2],
+           'names', ARGV[3], 'values', ARGV[4], 'updated', ARGV[5])
+return 1
+"""
+
+# Connection settings carried across pickling (everything else is rebuilt by redis-py).
+_PICKLED_KWARGS = ("host", "port", "db", "username", "password", "path", "socket_timeout",
+                   "socket_connect_timeout", "client_name")
+
+
+@dataclass(eq=False)
+class FeatureRow:
+    """One asset's latest online feature row."""
+
+    asset: str
+    bar_ts: int
+    schema: str
+    names: tuple[str, ...]
+    values: np.ndarray
+    updated: int
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def age_s(self, now_ns: int | None = None) -> float:
+        """Seconds since the row was written."""
+        now = time.time_ns() if now_ns is None else now_ns
+        return (now - self.updated) / 1e9
+
+    def as_dict(self) -> dict[str, float]:
+        """Feature name -> value."""
+        return dict(zip(self.names, self.values.tolist()))
+
+
+def _check_asset(asset: object) -> str:
+    if not isinstance(asset, str) or not asset or any(ch.isspace() for ch in asset):
+        raise InvalidInput(f"asset {asset!r} must be a non-empty string without spaces", field="asset")
+    return asset
+
+
+class OnlineFeatureStore:
+    """Latest feature rows per asset in Redis (hash + capped log stream).
+
+    Parameters
+    ----------
+    client
+        A ``redis.Redis`` returning bytes (``decode_responses=False``), e.g. from
+        :func:`tickcast.redis_server.connect`.
+    log_maxlen
+        Approximate cap of each ``features_log:<ASSET>`` stream (Redis trims in whole macro
+        nodes, so the length may exceed it slightly).
+
+    Raises
+    ------
+    InvalidInput
+        A client that decodes responses, or ``log_maxlen < 1``.
+    """
+
+    def __init__(self, client: redis.Redis, *, log_maxlen: int = 10_000) -> None:
+        if not isinstance(client, redis.Redis):
+            raise InvalidInput(f"client must be a redis.Redis, got {type(client).__name__}", field="client")
+        if client.connection_pool.connection_kwargs.get("decode_responses"):
+            raise InvalidInput("the client must return bytes (decode_responses=False)", field="client")
+        if isinstance(log_maxlen, bool) or not isinstance(log_maxlen, int) or log_maxlen < 1:
+            raise InvalidInput("log_maxlen must be an integer >= 1", field="log_maxlen")
+        self.client = client
+        self.log_maxlen = log_maxlen
+        self._script = client.register_script(_WRITE_LUA)
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout_s: float = 2.0, log_maxlen: int = 10_000) -> "OnlineFeatureStore":
+        """A store with its own client for ``url`` (bounded socket timeouts)."""
+        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        return cls(client, log_maxlen=log_maxlen)
+
+    def __getstate__(self) -> dict[str, Any]:
+        kwargs = self.client.connection_pool.connection_kwargs
+        return {"conn": {k: kwargs[k] for k in _PICKLED_KWARGS if kwargs.get(k) is not None},
+                "log_maxlen": self.log_maxlen}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        conn = dict(state["conn"])
+        if "path" in conn:
+            conn["unix_socket_path"] = conn.pop("path")
+        self.__init__(redis.Redis(**conn), log_maxlen=state["log_maxlen"])  # type: ignore[misc]
+
+    def write(
+        self,
+        asset: str,
+        bar_ts: int,
+        schema_hash: str,
+        names: Sequence[str],
+        values: np.ndarray | Sequence[float],
+        updated_ns: int | None = None,
+    ) -> bool:
+        """Publish the feature row of ``asset`` computed at the close of bar ``bar_ts``.
+
+        Returns
+        -------
+        bool
+            True when stored; False when the hash already holds a newer bar (nothing written).
+
+        Raises
+        ------
+        InvalidInput
+            Bad asset, non-integer or negative ``bar_ts``, names that are not unique strings,
+            or values that are not a 1-D numeric array of the same length (NaN is allowed:
+            features warming up).
+        redis.RedisError
+            The server is unreachable (callers guard this with a circuit breaker).
+        """
+        asset = _check_asset(asset)
+        if isinstance(bar_ts, bool) or not isinstance(bar_ts, (int, np.integer)) or int(bar_ts) < 0:
+            raise InvalidInput(f"bar_ts must be a non-negative integer UNIX ns, got {bar_ts!r}", field="bar_ts")
+        if not isinstance(schema_hash, str) or not schema_hash:
+            raise InvalidInput("schema_hash must be a non-empty string", field="schema_hash")
+        names = list(names)
+        if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+            raise InvalidInput("names must be unique non-empty strings", field="names")
+        try:
+            arr = np.asarray(values, dtype="<f8")
+        except (TypeError, ValueError):
+            raise InvalidInput("values must be numeric", field="values") from None
+        if arr.ndim != 1 or len(arr) != len(names):
+            raise InvalidInput(f"values must be 1-D with {len(names)} entries, got shape {arr.shape}", field="values")
+        updated = time.time_ns() if updated_ns is None else int(updated_ns)
+        applied = self._script(
+            keys=[HASH_PREFIX + asset, LOG_PREFIX + asset],
+            args=[str(int(bar_ts)), schema_hash, json.dumps(names), arr.tobytes(), str(updated), str(self.log_maxlen)],
+        )
+        return bool(int(applied))
+
+    @staticmethod
+    def _decode(asset: str, raw: dict[bytes, bytes]) -> FeatureRow | None:
+        if not raw:
+            return None
+        try:
+            names = tuple(json.loads(raw[b"names"]))
+            values = np.frombuffer(raw[b"values"], dtype="<f8").astype(np.float64)
+            if len(values) != len(names):
+                raise ValueError(f"{len(names)} names but {len(values)} values")
+            extra = {k.decode(): v.decode("utf-8", "replace") for k, v in raw.items() if k not in _FIELDS}
+            return FeatureRow(
+                asset=asset,
+                bar_ts=int(raw[b"bar_ts"]),
+                schema=raw[b"schema"].decode(),
+                names=names,
+                values=values,
+                updated=int(raw[b"updated"]),
+                extra=extra,
+            )
+        except (KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise ServiceUnavailable(f"{HASH_PREFIX}{asset} is unreadable: {exc}") from None
+
+    def read(self, asset: str) -> FeatureRow | None:
+        """The latest row of ``asset``, or None when none was written.
+
+        Raises
+        ------
+        ServiceUnavailable
+            The stored hash is unreadable (written by something else).
+        """
+        asset = _check_asset(asset)
+        return self._decode(asset, self.client.hgetall(HASH_PREFIX + asset))
+
+    def read_many(self, assets: Iterable[str]) -> dict[str, FeatureRow | None]:
+        """Latest rows of several assets in one pipelined round trip (None where absent)."""
+        assets = [_check_asset(a) for a in assets]
+        if not assets:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for a in assets:
+            pipe.hgetall(HASH_PREFIX + a)
+        return {a: self._decode(a, raw) for a, raw in zip(assets, pipe.execute())}
+
+    def log(self, asset: str, count: int = 100) -> list[FeatureRow]:
+        """The most recent ``count`` rows written for ``asset`` (oldest first)."""
+        asset = _check_asset(asset)
+        entries = self.client.xrevrange(LOG_PREFIX + asset, count=count)
+        return [row for _, fields in reversed(entries) if (row := self._decode(asset, fields)) is not None]
