@@ -45,12 +45,26 @@ class IngestConfig(Section):
     consumer_block_ms: int = Field(200, ge=1)
     consumer_count: int = Field(64, ge=1)  # stream entries (batches) read per XREAD
     checkpoint_every_batches: int = Field(1, ge=1)
+    # None: join the cluster in RAY_ADDRESS or the one `ray start` recorded, else start a
+    # private local Ray; "local": always private; anything else: that cluster address.
+    ray_address: str | None = None
+    keep_tick_status: bool = False  # audit mode: actors keep (provider, seq, status) per tick
+    xadd_pipeline_entries: int = Field(32, ge=1)  # stream entries per Redis round trip (driver)
+    actor_max_concurrency: int = Field(8, ge=2)  # asset actor threads: consumer + queries
+    read_retry_initial_s: float = Field(0.05, gt=0)  # backoff after a failed XREAD ...
+    read_retry_max_s: float = Field(2.0, gt=0)  # ... doubling up to this
+    wait_timeout_s: float = Field(900.0, gt=0)  # driver: max wait for actors to catch up
+    drain_timeout_s: float = Field(300.0, gt=0)  # driver: max wait for its WAL to reach Redis
+    progress_every_s: float = Field(5.0, gt=0)  # driver: stderr progress line period
+    max_backlog_entries: int = Field(64, ge=1)  # driver waits while streams hold more entries
 
 
 class ValidationConfig(Section):
     max_price: float = Field(1e9, gt=0)
     max_size: float = Field(1e12, gt=0)
     max_future_s: float = Field(300.0, ge=0)  # event time this far ahead of receive time is malformed
+    min_event_ts_s: float = Field(946_684_800.0, ge=0)  # event time before 2000-01-01 is malformed
+    max_event_ts_s: float = Field(4_102_444_800.0, gt=0)  # event time after 2100-01-01 is malformed
 
 
 class DedupConfig(Section):
@@ -62,6 +76,7 @@ class OutlierConfig(Section):
     dispersion_k: float = Field(12.0, ge=0)  # band widens by k x recent cross-provider dispersion
     level_window: int = Field(5, ge=1)  # ticks in each provider's robust (median) level
     dispersion_halflife_ticks: float = Field(200.0, gt=0)
+    majority_min: int = Field(3, ge=2)  # fresh levels from which their median alone decides
 
 
 class ConsensusConfig(Section):
@@ -109,6 +124,44 @@ class SimulatorConfig(Section):
     provider_noise_bp: float = Field(1.5, ge=0)
     latency_ms_mean: float = Field(40.0, ge=0)
     anomaly_rate: float = Field(0.01, ge=0, le=0.5)  # per tick, across kinds
+    # Injected anomalies: relative weight of each kind (a "frozen" draw starts a whole stale
+    # stretch, hence its small weight).
+    anomaly_mix: dict[str, float] = {
+        "null": 1.0, "nan": 1.0, "inf": 1.0, "nonpositive": 1.0, "jump": 1.0, "frozen": 0.1,
+        "duplicate": 1.0, "out_of_order": 1.0, "late": 1.0,
+    }
+    provider_bias_bp: float = Field(0.5, ge=0)  # sd of each provider's persistent offset
+    provider_dispersion: float = Field(0.5, ge=0, lt=1)  # providers' noise/spread/latency x U[1-d, 1+d]
+    spread_bp: float = Field(2.0, ge=0)  # median full bid/ask spread
+    spread_jitter: float = Field(0.3, ge=0)  # lognormal sigma of the spread, tick to tick
+    latency_jitter: float = Field(0.5, ge=0)  # lognormal sigma of the latency (mean kept)
+    size_notional_median: float = Field(2_000.0, gt=0)  # median trade size, quote currency
+    size_log_sigma: float = Field(1.2, ge=0)
+    batch_s: float = Field(5.0, gt=0)  # receive-time span of one emitted batch
+    jump_factor: tuple[float, float] = (5.0, 20.0)  # a jump multiplies or divides by U[lo, hi]
+    frozen_factor: float = Field(2.0, gt=1)  # stale stretch = factor x consensus.frozen_after_s
+    duplicate_delay_s: float = Field(2.0, gt=0)  # a re-send arrives up to this after the original
+    out_of_order_max_s: float = Field(20.0, gt=0)  # + batch_s must stay < bars.allowed_lateness_s
+    late_extra_s: tuple[float, float] = (5.0, 60.0)  # late = lateness + batch_s + U[lo, hi] s
+
+    @model_validator(mode="after")
+    def _anomalies(self) -> "SimulatorConfig":
+        kinds = {"null", "nan", "inf", "nonpositive", "jump", "frozen", "duplicate",
+                 "out_of_order", "late"}
+        unknown = sorted(set(self.anomaly_mix) - kinds)
+        if unknown:
+            raise ValueError(f"anomaly_mix has unknown kind(s) {unknown}; known: {sorted(kinds)}")
+        if any(w < 0 for w in self.anomaly_mix.values()):
+            raise ValueError("anomaly_mix weights must be >= 0")
+        if self.anomaly_rate > 0 and sum(self.anomaly_mix.values()) <= 0:
+            raise ValueError("anomaly_mix weights must not all be 0 when anomaly_rate > 0")
+        lo, hi = self.jump_factor
+        if not 1 < lo <= hi:
+            raise ValueError("jump_factor must satisfy 1 < lo <= hi")
+        lo, hi = self.late_extra_s
+        if not 0 <= lo <= hi:
+            raise ValueError("late_extra_s must satisfy 0 <= lo <= hi")
+        return self
 
 
 class FeatureConfig(Section):
@@ -119,6 +172,19 @@ class FeatureConfig(Section):
     rsi: int = Field(14, ge=2)
     macd: tuple[int, int, int] = (12, 26, 9)
     volume_z: int = Field(60, ge=3)
+    gap_age_cap: int = Field(240, ge=1)  # minutes_since_gap saturates here (history-independent)
+    amend_depth: int = Field(5, ge=1)  # recent bars whose state is kept to replay an amendment
+
+    @model_validator(mode="after")
+    def _windows_ordered(self) -> "FeatureConfig":
+        if self.vol_short >= self.vol_long:
+            raise ValueError("vol_short must be < vol_long")
+        fast, slow, signal = self.macd
+        if not (1 <= fast < slow) or signal < 1:
+            raise ValueError("macd must be (fast, slow, signal) with 1 <= fast < slow and signal >= 1")
+        if not self.return_lags or min(self.return_lags) < 1 or len(set(self.return_lags)) != len(self.return_lags):
+            raise ValueError("return_lags must be distinct integers >= 1")
+        return self
 
 
 class ModelConfig(Section):
@@ -127,11 +193,15 @@ class ModelConfig(Section):
     registry_dir: str = "registry"
     calibration_fraction: float = Field(0.2, gt=0, lt=0.9)
     conformal_window: int = Field(720, ge=50)  # recent residuals used by adaptive conformal
+    conformal_scaled: bool = True  # scores divided by the causal short realized vol
+    conformal_aci_gamma: float = Field(0.005, ge=0, lt=1)  # ACI step (Gibbs & Candes); 0 = off
+    conformal_sigma_floor: float = Field(1e-5, gt=0)  # smallest vol scale (log-return units)
     purge_bars: int = Field(60, ge=0)
     walk_forward_folds: int = Field(3, ge=1)
     fee_bp: float = Field(1.0, ge=0)
     onnx_parity_tol: float = Field(1e-5, gt=0)
     reference_sample_rows: int = Field(2000, ge=100)
+    native_min_rows: int = Field(32, ge=1)  # batches this large use native XGBoost (bench.inference)
 
 
 class TuneConfig(Section):
@@ -148,6 +218,7 @@ class AutoscalingConfig(Section):
     target_ongoing_requests: float = Field(8.0, gt=0)
     upscale_delay_s: float = Field(2.0, ge=0)
     downscale_delay_s: float = Field(10.0, ge=0)
+    look_back_period_s: float = Field(5.0, gt=0)  # window the ongoing-request average is taken over
 
 
 class ServeConfig(Section):
@@ -164,20 +235,74 @@ class ServeConfig(Section):
     sla_latency_ms: float = Field(150.0, gt=0)
     use_haproxy: bool = True
     autoscaling: AutoscalingConfig = AutoscalingConfig()
+    # Replicas: resources and concurrency (one FastAPI-ingress deployment, see serve_app/app.py).
+    replica_num_cpus: float = Field(0.0, ge=0)  # 0: replicas never wait for a CPU reservation
+    max_ongoing_requests: int = Field(32, ge=1)  # per replica; beyond it HAProxy queues
+    onnx_threads: int = Field(1, ge=1)  # onnxruntime intra-op threads per session
+    native_threads: int = Field(1, ge=1)  # XGBoost threads for large batches (model.native_min_rows)
+    # Routing state (blue/green versions, weights, shadow) shared by replicas through Redis.
+    redis_prefix: str = Field("serve:", min_length=1)
+    registry_poll_s: float = Field(2.0, gt=0)  # registry aliases re-read (new champion/challenger)
+    feature_discovery_s: float = Field(5.0, gt=0)  # new features:<ASSET> keys looked for
+    switch_timeout_s: float = Field(10.0, gt=0)  # admin calls wait this long for the local swap
+    shadow_default: bool = False
+    sticky_header: str = Field("X-Request-Key", min_length=1)
+    sticky_salt: str = ""  # change it to reshuffle every A/B group at once
+    # Prediction log (stream `prediction_stream`).
+    prediction_stream_maxlen: int = Field(1_000_000, ge=1)
+    prediction_log_flush_s: float = Field(0.01, gt=0)
+    prediction_log_max_busy: float = Field(0.25, gt=0, le=1)  # writer's share of wall time, at most
+    metrics_publish_s: float = Field(1.0, gt=0)  # replica metrics merged through Redis this often
+    # `tickcast serve`: what feeds the online features, and how long --detach waits for ready.
+    feed: Literal["simulator", "streams", "none"] = "simulator"
+    feed_backfill_minutes: float = Field(90.0, ge=0)
+    feed_seed: int = 7
+    ready_timeout_s: float = Field(300.0, gt=0)
 
 
 class DriftConfig(Section):
-    window: int = Field(500, ge=20)
-    ks_threshold: float = Field(0.15, gt=0)
+    window: int = Field(500, ge=20)  # live events in each sliding window (features, predictions)
+    min_window: int = Field(100, ge=10)  # window statistics are computed from this many events
+    eval_every: int = Field(50, ge=1)  # window statistics refreshed at least this often (events)
+    ks_threshold: float = Field(0.15, gt=0)  # a feature counts as drifted above this KS
     warning_score: float = Field(0.15, gt=0)
     critical_score: float = Field(0.3, gt=0)
     retrain_score: float = Field(0.2, gt=0)
-    psi_bins: int = Field(10, ge=2)
-    detector: Literal["page_hinkley", "cusum", "adwin"] = "page_hinkley"
-    ph_delta: float = Field(0.1, ge=0)  # in reference standard deviations
-    ph_threshold: float = Field(25.0, gt=0)
+    feature_top_fraction: float = Field(0.25, gt=0, le=1)  # feature score: mean of the top share
+    psi_bins: int = Field(10, ge=2)  # bins from reference quantiles
+    psi_epsilon: float = Field(1e-4, gt=0, lt=0.1)  # floor for empty-bin proportions
+    psi_warning: float = Field(0.1, gt=0)  # PSI mapped to warning_score ...
+    psi_critical: float = Field(0.25, gt=0)  # ... and to critical_score
+    w1_warning: float = Field(0.3, gt=0)  # Wasserstein-1 / reference IQR mapped likewise
+    w1_critical: float = Field(0.6, gt=0)
+    detector: Literal["page_hinkley", "cusum"] = "page_hinkley"
+    # Change detectors work on values standardized by the reference mean and std. With
+    # allowance 0.5 and threshold 18 the one-sided ARL0 is ~4e8 events and the mean delay for a
+    # 1-sigma shift ~36 events (Siegmund's approximation, see tickcast/monitoring/detectors.py).
+    ph_delta: float = Field(0.5, ge=0)  # allowance, in reference standard deviations
+    ph_threshold: float = Field(18.0, gt=0)
+    ph_min_events: int = Field(30, ge=1)  # no alarm before the running mean has this many events
+    cusum_k: float = Field(0.5, ge=0)  # allowance, in reference standard deviations
+    cusum_h: float = Field(18.0, gt=0)
+    alarm_hold_events: int = Field(500, ge=1)  # a detector alarm keeps the level >= WARNING
+    performance_window: int = Field(200, ge=10)  # realized labels in the rolling loss
+    performance_min_labels: int = Field(50, ge=1)  # fewer labels: no performance verdict
     performance_ratio_warning: float = Field(1.25, gt=1)
     performance_ratio_critical: float = Field(1.6, gt=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DriftConfig":
+        if self.min_window > self.window:
+            raise ValueError("min_window must be <= window")
+        if not self.warning_score < self.critical_score:
+            raise ValueError("warning_score must be < critical_score")
+        for lo, hi in (("psi_warning", "psi_critical"), ("w1_warning", "w1_critical"),
+                       ("performance_ratio_warning", "performance_ratio_critical")):
+            if not getattr(self, lo) < getattr(self, hi):
+                raise ValueError(f"{lo} must be < {hi}")
+        if self.performance_min_labels > self.performance_window:
+            raise ValueError("performance_min_labels must be <= performance_window")
+        return self
 
 
 class SafetyConfig(Section):
@@ -191,6 +316,24 @@ class SafetyConfig(Section):
     halt_recovery_bars: int = Field(60, ge=1)
     wide_interval_bp: float = Field(60.0, gt=0)  # beyond this the multiplier is cut
     wide_interval_multiplier: float = Field(0.5, ge=0, le=1)
+    # Trading resumes after a halt once halt_recovery_bars have passed AND the drawdown of the
+    # signal's paper equity (traded without the halt) is back at or below this level.
+    halt_resume_drawdown: float = Field(0.025, ge=0, lt=1)
+    sizing: Literal["sign", "interval"] = "sign"  # interval: median / half interval, clipped to 1
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SafetyConfig":
+        if self.vol_short >= self.vol_long:
+            raise ValueError("vol_short must be < vol_long")
+        if not self.elevated_ratio < self.crisis_ratio:
+            raise ValueError("elevated_ratio must be < crisis_ratio")
+        if set(self.multipliers) != {"NORMAL", "ELEVATED", "CRISIS"}:
+            raise ValueError("multipliers must have exactly the keys NORMAL, ELEVATED, CRISIS")
+        if any(not 0 <= v <= 1 for v in self.multipliers.values()):
+            raise ValueError("multipliers must lie in [0, 1]")
+        if self.halt_resume_drawdown >= self.max_drawdown:
+            raise ValueError("halt_resume_drawdown must be < max_drawdown")
+        return self
 
 
 class ControllerConfig(Section):
