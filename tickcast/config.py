@@ -57,6 +57,9 @@ class IngestConfig(Section):
     drain_timeout_s: float = Field(300.0, gt=0)  # driver: max wait for its WAL to reach Redis
     progress_every_s: float = Field(5.0, gt=0)  # driver: stderr progress line period
     max_backlog_entries: int = Field(64, ge=1)  # driver waits while streams hold more entries
+    features_bars_per_batch: int = Field(64, ge=1)  # online-feature updates per consumed group;
+    # more bars than this (a catch-up) are deferred until the stream is drained ...
+    features_catchup_chunk: int = Field(2048, ge=1)  # ... then fed this many at a time
 
 
 class ValidationConfig(Section):
@@ -219,6 +222,7 @@ class AutoscalingConfig(Section):
     upscale_delay_s: float = Field(2.0, ge=0)
     downscale_delay_s: float = Field(10.0, ge=0)
     look_back_period_s: float = Field(5.0, gt=0)  # window the ongoing-request average is taken over
+    metrics_interval_s: float = Field(1.0, gt=0)  # how often replicas report ongoing requests
 
 
 class ServeConfig(Section):
@@ -268,7 +272,16 @@ class DriftConfig(Section):
     warning_score: float = Field(0.15, gt=0)
     critical_score: float = Field(0.3, gt=0)
     retrain_score: float = Field(0.2, gt=0)
-    feature_top_fraction: float = Field(0.25, gt=0, le=1)  # feature score: mean of the top share
+    feature_top_fraction: float = Field(1.0, gt=0, le=1)  # feature score: mean of the top share
+    # Column score = weighted mean of KS, PSI and W1/IQR, each mapped onto the KS scale. KS
+    # alone by default: on real 1-min BTC features PSI and W1 react far more to autocorrelation
+    # (see tickcast/monitoring/drift.py); they are still reported per feature.
+    weight_ks: float = Field(1.0, ge=0)
+    weight_psi: float = Field(0.0, ge=0)
+    weight_w1: float = Field(0.0, ge=0)
+    # Features left out of drift: time-of-day is cyclical, so a window shorter than a day
+    # never matches a reference sampled over whole days.
+    exclude_features: tuple[str, ...] = ("tod_sin", "tod_cos")
     psi_bins: int = Field(10, ge=2)  # bins from reference quantiles
     psi_epsilon: float = Field(1e-4, gt=0, lt=0.1)  # floor for empty-bin proportions
     psi_warning: float = Field(0.1, gt=0)  # PSI mapped to warning_score ...
@@ -277,13 +290,17 @@ class DriftConfig(Section):
     w1_critical: float = Field(0.6, gt=0)
     detector: Literal["page_hinkley", "cusum"] = "page_hinkley"
     # Change detectors work on values standardized by the reference mean and std. With
-    # allowance 0.5 and threshold 18 the one-sided ARL0 is ~4e8 events and the mean delay for a
-    # 1-sigma shift ~36 events (Siegmund's approximation, see tickcast/monitoring/detectors.py).
+    # allowance 0.5 and threshold 16 the one-sided ARL0 is ~5.7e7 events and the mean delay for
+    # a 1-sigma shift ~32 events (Siegmund's approximation, see tickcast/monitoring/detectors.py).
     ph_delta: float = Field(0.5, ge=0)  # allowance, in reference standard deviations
-    ph_threshold: float = Field(18.0, gt=0)
+    ph_threshold: float = Field(16.0, gt=0)
     ph_min_events: int = Field(30, ge=1)  # no alarm before the running mean has this many events
     cusum_k: float = Field(0.5, ge=0)  # allowance, in reference standard deviations
-    cusum_h: float = Field(18.0, gt=0)
+    cusum_h: float = Field(16.0, gt=0)
+    # Live events the detector watches first to estimate each feature's autocorrelation and
+    # rescale by its long-run variance (0: assume independent values); cap of that inflation.
+    detector_warmup: int = Field(500, ge=0)
+    detector_max_inflation: float = Field(400.0, ge=1)
     alarm_hold_events: int = Field(500, ge=1)  # a detector alarm keeps the level >= WARNING
     performance_window: int = Field(200, ge=10)  # realized labels in the rolling loss
     performance_min_labels: int = Field(50, ge=1)  # fewer labels: no performance verdict
@@ -302,6 +319,10 @@ class DriftConfig(Section):
                 raise ValueError(f"{lo} must be < {hi}")
         if self.performance_min_labels > self.performance_window:
             raise ValueError("performance_min_labels must be <= performance_window")
+        if 0 < self.detector_warmup < 30:
+            raise ValueError("detector_warmup must be 0 or >= 30")
+        if self.weight_ks + self.weight_psi + self.weight_w1 <= 0:
+            raise ValueError("weight_ks + weight_psi + weight_w1 must be > 0")
         return self
 
 

@@ -1,0 +1,380 @@
+"""Multi-provider consensus: outlier and frozen-feed screening, reliability, Pyth aggregation.
+
+Screening (:class:`ConsensusBook`) is causal and vectorized over a batch in event-time order:
+
+* each provider has a robust *level*, the median of its last ``level_window`` screened prices
+  (flagged ticks included, so that a move the provider keeps confirming re-anchors its level);
+* a tick is compared with the levels, as of just before it, of every fresh provider (its own
+  included; others only while their reliability is at least ``min_reliability``). With
+  ``majority_min`` or more levels their median decides; with one or two levels the tick must
+  disagree with each of them, so that one provider cannot outvote another and a provider alone
+  is checked against its own past; a tick with no fresh level to compare with (the first
+  tick of a lone provider, or after a long silence of every provider) is accepted;
+* the band is ``band_bp`` plus ``dispersion_k`` times an EWMA of the recent cross-provider
+  dispersion (median absolute deviation of the providers' levels, clipped at ``band_bp``, so
+  that neither single prints nor one deviant provider widen it), in basis points. A 2 % move
+  in a minute is well inside it; a x5 or x0.2 print is far outside;
+* a provider whose price has not changed for ``frozen_after_s`` while a fresh other provider's
+  price did change is frozen: its ticks are marked ``FROZEN``;
+* each provider's reliability is an EWMA (step ``reliability_alpha``) of "this quote was good":
+  accepted ticks are good, outliers, frozen ticks and reason-coded rejections are bad.
+
+:func:`pyth_aggregate` is the aggregation of the Pyth network: every provider votes three times
+(``p - c``, ``p``, ``p + c`` with ``c`` its confidence, e.g. half the bid/ask spread); the
+aggregate is the median of the votes and its confidence ``max(R - q25, q75 - R)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from scipy.signal import lfilter
+
+from tickcast.config import ConsensusConfig, OutlierConfig
+from tickcast.errors import TickStatus
+from tickcast.ticks import NS_PER_S, TickBatch
+
+__all__ = ["ConsensusBook", "pyth_aggregate", "aggregate_votes", "NEVER"]
+
+NEVER = np.iinfo(np.int64).min // 4  # "no such time": far in the past, safe to subtract from
+_BP = 1e4
+# Statuses that say nothing about a provider's quality: re-deliveries, lateness, wrong asset.
+_NEUTRAL = (TickStatus.DUPLICATE, TickStatus.LATE, TickStatus.UNKNOWN_ASSET)
+
+
+def aggregate_votes(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Median and Pyth confidence of each row of ``votes`` (NaN = no vote).
+
+    As in Pyth's price model, with ``k`` votes sorted ``s``: the aggregate is the median (the
+    mean of the two middle votes when ``k`` is even), ``q25 = s[k // 4]``,
+    ``q75 = s[k - k // 4 - 1]`` and the confidence ``max(R - q25, q75 - R)``; so one provider
+    with confidence ``c`` gives back its price and ``c``. Order statistics are monotone in every
+    vote. Rows without any vote give NaN.
+
+    Parameters
+    ----------
+    votes
+        ``(rows, votes)`` array.
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        Aggregate and confidence per row.
+    """
+    v = np.sort(np.asarray(votes, dtype=np.float64), axis=1)  # NaN sorts last
+    m, width = v.shape
+    k = width - np.isnan(v).sum(axis=1)
+    rows = np.arange(m)
+    last = np.maximum(k - 1, 0)
+    # Median: mean of the two middle order statistics (the same one when k is odd).
+    med = 0.5 * (v[rows, last // 2] + v[rows, np.minimum(k // 2, last)])
+    q25 = v[rows, k // 4]
+    q75 = v[rows, np.maximum(k - k // 4 - 1, 0)]
+    conf = np.maximum(med - q25, q75 - med)
+    none = k == 0
+    med[none] = np.nan
+    conf[none] = np.nan
+    return med, conf
+
+
+def pyth_aggregate(prices: np.ndarray | list[float], confs: np.ndarray | list[float]) -> tuple:
+    """Pyth-style aggregate of provider prices with confidences.
+
+    Parameters
+    ----------
+    prices
+        Provider prices along the last axis (1-D for one aggregate, 2-D for one per row);
+        NaN = provider does not vote.
+    confs
+        Confidence per price (e.g. half the bid/ask spread); NaN is read as 0.
+
+    Returns
+    -------
+    (price, confidence)
+        Floats for 1-D input, arrays for 2-D input; NaN when nobody votes.
+
+    Examples
+    --------
+    >>> pyth_aggregate([100.0, 101.0, 105.0], [0.5, 0.5, 1.0])
+    (101.0, 3.0)
+    >>> pyth_aggregate([64000.0], [0.0])
+    (64000.0, 0.0)
+    """
+    p = np.asarray(prices, dtype=np.float64)
+    c = np.nan_to_num(np.broadcast_to(np.asarray(confs, dtype=np.float64), p.shape), nan=0.0)
+    one = p.ndim == 1
+    p2, c2 = np.atleast_2d(p), np.atleast_2d(c)
+    agg, conf = aggregate_votes(np.concatenate([p2 - c2, p2, p2 + c2], axis=1))
+    if one:
+        return float(agg[0]), float(conf[0])
+    return agg, conf
+
+
+def _row_median(a: np.ndarray) -> np.ndarray:
+    """Median of each row ignoring NaN (NaN for an all-NaN row)."""
+    m, w = a.shape
+    if m == 0:
+        return np.empty(0)
+    nan = np.isnan(a)
+    if not nan.any():
+        if w % 2:
+            return np.partition(a, w // 2, axis=1)[:, w // 2]
+        part = np.partition(a, (w // 2 - 1, w // 2), axis=1)
+        return 0.5 * (part[:, w // 2 - 1] + part[:, w // 2])
+    s = np.sort(a, axis=1)
+    k = w - nan.sum(axis=1)
+    rows = np.arange(m)
+    last = np.maximum(k - 1, 0)
+    med = 0.5 * (s[rows, last // 2] + s[rows, np.minimum(k // 2, last)])
+    med[k == 0] = np.nan
+    return med
+
+
+def _prev_index(mask: np.ndarray) -> np.ndarray:
+    """For each position, the last position strictly before it where ``mask`` holds (-1: none)."""
+    n = len(mask)
+    last = np.maximum.accumulate(np.where(mask, np.arange(n), -1))
+    prev = np.empty(n, dtype=np.int64)
+    if n:
+        prev[0] = -1
+        prev[1:] = last[:-1]
+    return prev
+
+
+class ConsensusBook:
+    """Per-asset provider state: robust levels, dispersion, frozen runs, reliability.
+
+    Parameters
+    ----------
+    outliers
+        Outlier band settings (``outliers`` config section).
+    consensus
+        Staleness, frozen-feed and reliability settings (``consensus`` config section).
+
+    Examples
+    --------
+    >>> from tickcast.config import ConsensusConfig, OutlierConfig
+    >>> rng = np.random.default_rng(7)
+    >>> t0 = 1_700_000_000 * 10**9
+    >>> names = np.tile(["a", "b", "c"], 40)
+    >>> price = 100.0 * (1 + 1e-4 * rng.standard_normal(120))
+    >>> price[61] *= 5.0  # one provider prints x5
+    >>> b = TickBatch.from_columns("BTC-USD", names, ts_event=t0 + np.arange(120) * 10**9,
+    ...                            price=price)
+    >>> book = ConsensusBook(OutlierConfig(), ConsensusConfig())
+    >>> book.update(b)
+    >>> np.flatnonzero(b.status == TickStatus.OUTLIER).tolist(), b.provider_names()[61]
+    ([61], 'b')
+    >>> {k: round(v, 3) for k, v in book.reliability.items()}
+    {'a': 1.0, 'b': 0.986, 'c': 1.0}
+    """
+
+    def __init__(self, outliers: OutlierConfig, consensus: ConsensusConfig) -> None:
+        self.outliers = outliers
+        self.consensus = consensus
+        self._names: list[str] = []
+        self._index: dict[str, int] = {}
+        w = outliers.level_window
+        self._hist = np.full((0, w), np.nan)  # last `w` screened prices per provider, oldest first
+        self._level = np.empty(0)
+        self._last_ts = np.empty(0, dtype=np.int64)
+        self._last_price = np.empty(0)
+        self._run_start = np.empty(0, dtype=np.int64)  # when the current unchanged-price run began
+        self._last_change = np.empty(0, dtype=np.int64)  # last time the price moved (first tick: no)
+        self._rel = np.empty(0)
+        self._outlier_total = np.empty(0, dtype=np.int64)
+        self._frozen_total = np.empty(0, dtype=np.int64)
+        self._disp = 0.0  # EWMA of cross-provider dispersion, bp
+        self.last_tick_reliability = np.empty(0)
+
+    # ------------------------------------------------------------------ registry
+    def _lut(self, providers: tuple[str, ...]) -> np.ndarray:
+        """Global provider id for each name of a batch vocabulary (registering new names)."""
+        new = [p for p in providers if p not in self._index]
+        if new:
+            for name in new:
+                self._index[name] = len(self._names)
+                self._names.append(name)
+            k = len(new)
+            self._hist = np.vstack([self._hist, np.full((k, self.outliers.level_window), np.nan)])
+            self._level = np.concatenate([self._level, np.full(k, np.nan)])
+            self._last_ts = np.concatenate([self._last_ts, np.full(k, NEVER, dtype=np.int64)])
+            self._last_price = np.concatenate([self._last_price, np.full(k, np.nan)])
+            self._run_start = np.concatenate([self._run_start, np.full(k, NEVER, dtype=np.int64)])
+            self._last_change = np.concatenate([self._last_change, np.full(k, NEVER, dtype=np.int64)])
+            self._rel = np.concatenate([self._rel, np.ones(k)])
+            self._outlier_total = np.concatenate([self._outlier_total, np.zeros(k, dtype=np.int64)])
+            self._frozen_total = np.concatenate([self._frozen_total, np.zeros(k, dtype=np.int64)])
+        return np.array([self._index[p] for p in providers], dtype=np.int64)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """Providers seen so far, in order of first appearance."""
+        return tuple(self._names)
+
+    @property
+    def reliability(self) -> dict[str, float]:
+        """Reliability score per provider, in [0, 1] (1 until proven otherwise)."""
+        return {n: float(r) for n, r in zip(self._names, self._rel)}
+
+    @property
+    def levels(self) -> dict[str, float]:
+        """Current robust price level per provider (NaN before its first tick)."""
+        return {n: float(v) for n, v in zip(self._names, self._level)}
+
+    @property
+    def dispersion_bp(self) -> float:
+        """Recent cross-provider dispersion (EWMA, basis points)."""
+        return float(self._disp)
+
+    @property
+    def outlier_counts(self) -> dict[str, int]:
+        """Ticks flagged ``OUTLIER`` since creation, per provider."""
+        return {n: int(c) for n, c in zip(self._names, self._outlier_total)}
+
+    @property
+    def frozen_counts(self) -> dict[str, int]:
+        """Ticks flagged ``FROZEN`` since creation, per provider."""
+        return {n: int(c) for n, c in zip(self._names, self._frozen_total)}
+
+    def excluded(self) -> tuple[str, ...]:
+        """Providers currently below ``min_reliability`` (left out of the consensus)."""
+        low = self._rel < self.consensus.min_reliability
+        return tuple(n for n, x in zip(self._names, low) if x)
+
+    # ------------------------------------------------------------------ update
+    def update(self, batch: TickBatch) -> None:
+        """Screen the batch's ``OK`` ticks (mark ``OUTLIER`` / ``FROZEN``) and update reliability.
+
+        Ticks are screened in event-time order (sorted here only when needed). Afterwards
+        :attr:`last_tick_reliability` holds, for each tick of the batch, its provider's
+        reliability right after that tick (NaN for ticks that do not count).
+        """
+        n = len(batch)
+        self.last_tick_reliability = np.full(n, np.nan)
+        if n == 0:
+            return
+        lut = self._lut(batch.providers)
+        valid = (batch.provider >= 0) & (batch.provider < len(batch.providers))
+        gp = np.full(n, -1, dtype=np.int64)
+        gp[valid] = lut[batch.provider[valid]]
+        status = batch.status
+        cand = np.flatnonzero((status == TickStatus.OK) & valid)
+        if len(cand):
+            ts = batch.ts_event[cand]
+            if len(ts) > 1 and not np.all(ts[1:] >= ts[:-1]):
+                order = np.argsort(ts, kind="stable")
+                cand, ts = cand[order], ts[order]
+            status[cand] = self._screen(gp[cand], ts, batch.price[cand])
+        self._update_reliability(gp, status, valid)
+
+    def _screen(self, pid: np.ndarray, ts: np.ndarray, px: np.ndarray) -> np.ndarray:
+        """Status (OK / OUTLIER / FROZEN) of candidate ticks sorted by event time."""
+        cfg, ccfg = self.outliers, self.consensus
+        n, n_prov, w = len(pid), len(self._names), cfg.level_window
+        level0, ts0, run0 = self._level.copy(), self._last_ts.copy(), self._run_start.copy()
+        change0 = self._last_change.copy()
+
+        level_after = np.empty(n)
+        run_start = np.empty(n, dtype=np.int64)
+        last_change = np.empty(n, dtype=np.int64)
+        present = np.flatnonzero(np.bincount(pid, minlength=n_prov))
+        masks: dict[int, np.ndarray] = {}
+        for p in present.tolist():
+            is_p = pid == p
+            masks[p] = is_p
+            sel = np.flatnonzero(is_p)
+            x, t = px[sel], ts[sel]
+            ext = np.concatenate([self._hist[p], x])
+            med = _row_median(sliding_window_view(ext, w))  # level before, then after, each tick
+            level_after[sel] = med[1:]
+            prev_px = np.empty(len(x))
+            prev_px[0] = self._last_price[p]
+            prev_px[1:] = x[:-1]
+            changed = x != prev_px  # the first tick ever compares with NaN: a change
+            start = np.maximum.accumulate(np.where(changed, np.arange(len(x)), -1))
+            rs = np.where(start >= 0, t[np.maximum(start, 0)], run0[p])
+            run_start[sel] = rs
+            # A move is a change from a known price (a provider's first tick is not a move).
+            moved = np.maximum.accumulate(np.where(changed & ~np.isnan(prev_px), np.arange(len(x)), -1))
+            lc = np.where(moved >= 0, t[np.maximum(moved, 0)], change0[p])
+            last_change[sel] = lc
+            self._hist[p] = ext[len(ext) - w:]
+            self._level[p] = med[-1]
+            self._last_price[p] = x[-1]
+            self._run_start[p] = rs[-1]
+            self._last_change[p] = lc[-1]
+            self._last_ts[p] = max(int(ts0[p]), int(t.max()))
+
+        # Every provider's level / last tick time / last move as of just before each tick.
+        lv = np.empty((n, n_prov))
+        last_t = np.empty((n, n_prov), dtype=np.int64)
+        moves = np.empty((n, n_prov), dtype=np.int64)
+        for q in range(n_prov):
+            if q in masks:
+                prev = _prev_index(masks[q])
+                has = prev >= 0
+                pi = np.maximum(prev, 0)
+                lv[:, q] = np.where(has, level_after[pi], level0[q])
+                last_t[:, q] = np.where(has, ts[pi], ts0[q])
+                moves[:, q] = np.where(has, last_change[pi], change0[q])
+            else:
+                lv[:, q], last_t[:, q], moves[:, q] = level0[q], ts0[q], change0[q]
+
+        own = pid[:, None] == np.arange(n_prov)[None, :]
+        fresh = (last_t > NEVER) & (ts[:, None] - last_t <= int(ccfg.stale_after_s * NS_PER_S))
+        trusted = (self._rel >= ccfg.min_reliability)[None, :] | own
+        use = fresh & trusted & ~np.isnan(lv)
+        lvm = np.where(use, lv, np.nan)
+        k = use.sum(axis=1)
+        ref = _row_median(lvm)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dev_ref = np.abs(px - ref) / ref * _BP
+            dev_each = np.where(use, np.abs(px[:, None] - lvm) / lvm * _BP, np.inf)
+        dev_min = dev_each.min(axis=1) if n_prov else np.full(n, np.inf)
+        dev = np.where(k >= cfg.majority_min, dev_ref, dev_min)
+
+        # Cross-provider dispersion: median absolute deviation of the levels in use (so one
+        # deviant provider among three or more does not widen the band it is judged by),
+        # clipped at band_bp; EWMA over ticks, value just before each tick.
+        alpha = 1.0 - 0.5 ** (1.0 / cfg.dispersion_halflife_ticks)
+        sample = k >= 2
+        disp_before = np.full(n, self._disp)
+        if sample.any():
+            with np.errstate(invalid="ignore", divide="ignore"):
+                spread = np.abs(lvm[sample] - ref[sample, None]) / ref[sample, None] * _BP
+            s = np.minimum(_row_median(spread), cfg.band_bp)
+            y = lfilter([alpha], [1.0, alpha - 1.0], s, zi=[(1.0 - alpha) * self._disp])[0]
+            after = np.empty(n)
+            after[sample] = y
+            prev = _prev_index(sample)
+            disp_before = np.where(prev >= 0, after[np.maximum(prev, 0)], self._disp)
+            self._disp = float(y[-1])
+        band = cfg.band_bp + cfg.dispersion_k * disp_before
+        outlier = (k >= 1) & (dev > band)
+
+        # Frozen: unchanged for frozen_after_s while some fresh other provider changed price.
+        others_moved = np.where(fresh & ~own, moves, NEVER).max(axis=1) > run_start
+        frozen = ~outlier & others_moved & (ts - run_start > int(ccfg.frozen_after_s * NS_PER_S))
+
+        if n_prov:
+            self._outlier_total += np.bincount(pid[outlier], minlength=n_prov)
+            self._frozen_total += np.bincount(pid[frozen], minlength=n_prov)
+        out = np.zeros(n, dtype=np.uint8)
+        out[outlier] = TickStatus.OUTLIER
+        out[frozen] = TickStatus.FROZEN
+        return out
+
+    def _update_reliability(self, gp: np.ndarray, status: np.ndarray, valid: np.ndarray) -> None:
+        """EWMA of good quotes per provider in arrival order (vectorized with ``lfilter``)."""
+        a = self.consensus.reliability_alpha
+        counts = valid & ~np.isin(status, _NEUTRAL)
+        good = (status == TickStatus.OK).astype(np.float64)
+        rel_tick = self.last_tick_reliability
+        present = np.flatnonzero(np.bincount(gp[counts], minlength=len(self._names)))
+        for p in present.tolist():
+            sel = np.flatnonzero(counts & (gp == p))
+            y = lfilter([a], [1.0, a - 1.0], good[sel], zi=[(1.0 - a) * self._rel[p]])[0]
+            rel_tick[sel] = y
+            self._rel[p] = y[-1]
