@@ -241,6 +241,7 @@ class ServeConfig(Section):
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     # Replicas: resources and concurrency (one FastAPI-ingress deployment, see serve_app/app.py).
     replica_num_cpus: float = Field(0.0, ge=0)  # 0: replicas never wait for a CPU reservation
+    drain_period_s: float = Field(5.0, gt=0)  # a stopping replica stays reachable while HAProxy drops it
     max_ongoing_requests: int = Field(32, ge=1)  # per replica; beyond it HAProxy queues
     onnx_threads: int = Field(1, ge=1)  # onnxruntime intra-op threads per session
     native_threads: int = Field(1, ge=1)  # XGBoost threads for large batches (model.native_min_rows)
@@ -301,7 +302,9 @@ class DriftConfig(Section):
     # rescale by its long-run variance (0: assume independent values); cap of that inflation.
     detector_warmup: int = Field(500, ge=0)
     detector_max_inflation: float = Field(400.0, ge=1)
-    alarm_hold_events: int = Field(500, ge=1)  # a detector alarm keeps the level >= WARNING
+    # A detector alarm keeps the level >= WARNING this long (events): the window statistics
+    # need a while to show a fresh change, and calm real data still sees ~2 alarms a day.
+    alarm_hold_events: int = Field(120, ge=1)
     performance_window: int = Field(200, ge=10)  # realized labels in the rolling loss
     performance_min_labels: int = Field(50, ge=1)  # fewer labels: no performance verdict
     performance_ratio_warning: float = Field(1.25, gt=1)
