@@ -85,6 +85,10 @@ class OutlierConfig(Section):
 class ConsensusConfig(Section):
     stale_after_s: float = Field(120.0, gt=0)  # provider without a quote this long is excluded
     frozen_after_s: float = Field(90.0, gt=0)  # unchanged price this long while others move
+    # ... and only if, during that run, the other providers' median level left the unchanged
+    # price by more than frozen_move_bp + frozen_dispersion_k x recent dispersion (bp)
+    frozen_move_bp: float = Field(8.0, ge=0)
+    frozen_dispersion_k: float = Field(2.0, ge=0)
     reliability_alpha: float = Field(0.02, gt=0, le=1)  # EWMA step of provider reliability
     min_reliability: float = Field(0.2, ge=0, le=1)  # below: provider excluded from consensus
 
