@@ -86,8 +86,10 @@ class ConsensusConfig(Section):
     stale_after_s: float = Field(120.0, gt=0)  # provider without a quote this long is excluded
     frozen_after_s: float = Field(90.0, gt=0)  # unchanged price this long while others move
     # ... and only if, during that run, the other providers' median level left the unchanged
-    # price by more than frozen_move_bp + frozen_dispersion_k x recent dispersion (bp)
-    frozen_move_bp: float = Field(8.0, ge=0)
+    # price by more than <floor> + frozen_dispersion_k x recent dispersion (bp); the floor is
+    # frozen_quote_move_bp at a tick repeating its whole bid/ask quote, else frozen_move_bp
+    frozen_move_bp: float = Field(4.0, ge=0)
+    frozen_quote_move_bp: float = Field(1.0, ge=0)
     frozen_dispersion_k: float = Field(2.0, ge=0)
     reliability_alpha: float = Field(0.02, gt=0, le=1)  # EWMA step of provider reliability
     min_reliability: float = Field(0.2, ge=0, le=1)  # below: provider excluded from consensus
@@ -208,7 +210,8 @@ class ModelConfig(Section):
     fee_bp: float = Field(1.0, ge=0)
     onnx_parity_tol: float = Field(1e-5, gt=0)
     reference_sample_rows: int = Field(2000, ge=100)
-    native_min_rows: int = Field(32, ge=1)  # batches this large use native XGBoost (bench.inference)
+    native_min_rows: int = Field(32, ge=1)  # without the compiled engine: batches this large use native XGBoost
+    compiled_engine: bool = True  # serve all batch sizes with the compiled tree kernel (bench.inference)
 
 
 class TuneConfig(Section):
@@ -247,6 +250,8 @@ class ServeConfig(Section):
     replica_num_cpus: float = Field(0.0, ge=0)  # 0: replicas never wait for a CPU reservation
     drain_period_s: float = Field(5.0, gt=0)  # a stopping replica stays reachable while HAProxy drops it
     max_ongoing_requests: int = Field(32, ge=1)  # per replica; beyond it HAProxy queues
+    handler_threads: int = Field(4, ge=0)  # persistent scoring threads per replica; 0: on the event loop
+    access_log: bool = False  # Ray Serve's per-request access log line (costs ~3% at 2k req/s)
     onnx_threads: int = Field(1, ge=1)  # onnxruntime intra-op threads per session
     native_threads: int = Field(1, ge=1)  # XGBoost threads for large batches (model.native_min_rows)
     # Routing state (blue/green versions, weights, shadow) shared by replicas through Redis.
@@ -259,7 +264,7 @@ class ServeConfig(Section):
     sticky_salt: str = ""  # change it to reshuffle every A/B group at once
     # Prediction log (stream `prediction_stream`).
     prediction_stream_maxlen: int = Field(1_000_000, ge=1)
-    prediction_log_flush_s: float = Field(0.01, gt=0)
+    prediction_log_flush_s: float = Field(0.05, gt=0)
     prediction_log_max_busy: float = Field(0.25, gt=0, le=1)  # writer's share of wall time, at most
     metrics_publish_s: float = Field(1.0, gt=0)  # replica metrics merged through Redis this often
     # `tickcast serve`: what feeds the online features, and how long --detach waits for ready.
@@ -371,6 +376,27 @@ class ControllerConfig(Section):
     max_error_rate: float = Field(0.05, ge=0, le=1)
     retrain_schedule_s: float | None = None  # None: retrain on CRITICAL drift only
     events_stream: str = "events"
+    events_maxlen: int = Field(100_000, ge=100)  # approximate cap of the events stream
+    # Promotion also needs the challenger's paper Sharpe >= the champion's minus this.
+    sharpe_tolerance: float = Field(0.0, ge=0)
+    # Latency SLA of a watched champion: share of requests slower than serve.sla_latency_ms.
+    max_sla_violation_rate: float = Field(0.05, ge=0, le=1)
+    sla_min_requests: int = Field(50, ge=1)  # fewer requests since the promotion: no SLA verdict
+    # Retraining: "job" = `ray job submit` of training.retrain (needs the dashboard's job
+    # server), "task" = the same pipeline as a Ray task, "auto" = job when a job server answers.
+    retrain_runner: Literal["auto", "job", "task"] = "auto"
+    retrain_window_bars: int = Field(10_080, ge=200)  # most recent bars a retrain fits on
+    # Bars to wait after a CRITICAL alert before retraining (a challenger fitted before the new
+    # regime is in its data cannot learn it); 0 retrains at once.
+    retrain_min_new_bars: int = Field(60, ge=0)
+    retrain_trials: int | None = Field(None, ge=1)  # Tune trials (None: tune.trials)
+    retrain_cooldown_s: float = Field(3600.0, ge=0)  # least time between two retrains of an asset
+    retrain_timeout_s: float = Field(7200.0, gt=0)  # a retrain running longer is abandoned
+    shadow_timeout_s: float = Field(86_400.0, gt=0)  # shadow evaluation without a verdict ends
+    label_timeout_bars: int = Field(30, ge=1)  # a forecast still unlabeled this far back is dropped
+    poll_s: float = Field(1.0, gt=0)  # controller loop period
+    monitor_poll_s: float = Field(0.5, gt=0)  # drift and safety actors' loop period
+    stream_batch: int = Field(2000, ge=1)  # stream entries read per XREAD by the loop actors
 
 
 class Settings(Section):

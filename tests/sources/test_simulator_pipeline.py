@@ -26,3 +26,7 @@ def test_pipeline_catches_injected_nulls_jumps_duplicates_and_spares_clean_ticks
         assert injected[kind] >= 40, (kind, injected[kind])
         assert detected[kind] >= 0.99 * injected[kind], (kind, injected[kind], detected[kind])
     assert clean_rejected <= 0.001, clean_rejected
+    # Stale stretches: every tick labelled "frozen" (older than frozen_after_s; the younger
+    # "stale" ones are not scored) is caught, despite the provider's late/out-of-order ticks.
+    assert injected["frozen"] >= 200, injected["frozen"]
+    assert detected["frozen"] >= 0.95 * injected["frozen"], (injected["frozen"], detected["frozen"])

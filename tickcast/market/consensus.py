@@ -14,8 +14,19 @@ Screening (:class:`ConsensusBook`) is causal and vectorized over a batch in even
   dispersion (median absolute deviation of the providers' levels, clipped at ``band_bp``, so
   that neither single prints nor one deviant provider widen it), in basis points. A 2 % move
   in a minute is well inside it; a x5 or x0.2 print is far outside;
-* a provider whose price has not changed for ``frozen_after_s`` while a fresh other provider's
-  price did change is frozen: its ticks are marked ``FROZEN``;
+* a frozen feed is a stale quote repeated while the market moves. A provider's *run* is a
+  stretch of its ticks at exactly the same price. Only its in-order, non-outlier accepted
+  ticks make, extend or end runs: a late or out-of-order tick (event time older than one
+  already received from it) or a bad print says nothing about the feed's present. A tick is
+  ``FROZEN`` when its run has lasted more than ``frozen_after_s``, a fresh other provider's
+  price moved since the run began, and at some tick of the run the median level of the other
+  fresh providers was more than ``floor + frozen_dispersion_k x dispersion`` bp away from the
+  unchanged price. The floor is ``frozen_move_bp`` for a repeated price (venues do trade at
+  one price for minutes while the market wanders a few bp around it) and the smaller
+  ``frozen_quote_move_bp`` where a tick repeats its whole two-sided quote, bid and ask
+  included (a live book moves its touch with the market; a stale feed repeats everything).
+  The evidence stays until the price changes: a stale feed does not come alive because the
+  market comes back to its price;
 * each provider's reliability is an EWMA (step ``reliability_alpha``) of "this quote was good":
   accepted ticks are good, outliers, frozen ticks and reason-coded rejections are bad.
 
@@ -130,6 +141,15 @@ def _row_median(a: np.ndarray) -> np.ndarray:
     return med
 
 
+def _shift(a: np.ndarray, first: float) -> np.ndarray:
+    """``a`` shifted one place later, ``first`` in front: the previous value of each element."""
+    out = np.empty(len(a))
+    if len(a):
+        out[0] = first
+        out[1:] = a[:-1]
+    return out
+
+
 def _prev_index(mask: np.ndarray) -> np.ndarray:
     """For each position, the last position strictly before it where ``mask`` holds (-1: none)."""
     n = len(mask)
@@ -178,14 +198,27 @@ class ConsensusBook:
         self._hist = np.full((0, w), np.nan)  # last `w` screened prices per provider, oldest first
         self._level = np.empty(0)
         self._last_ts = np.empty(0, dtype=np.int64)
-        self._last_price = np.empty(0)
+        # Frozen-feed state, kept from in-order, non-outlier accepted ticks only (see _frozen).
+        self._last_quote = np.full((0, 3), np.nan)  # price, bid, ask of the last such tick
         self._run_start = np.empty(0, dtype=np.int64)  # when the current unchanged-price run began
         self._last_change = np.empty(0, dtype=np.int64)  # last time the price moved (first tick: no)
+        self._diverged = np.empty(0, dtype=bool)  # the market has left the current run's price
         self._rel = np.empty(0)
         self._outlier_total = np.empty(0, dtype=np.int64)
         self._frozen_total = np.empty(0, dtype=np.int64)
         self._disp = 0.0  # EWMA of cross-provider dispersion, bp
         self.last_tick_reliability = np.empty(0)
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        """Restore a pickled book; one pickled before runs kept bid/ask and divergence (it
+        had ``_last_price``) gets its last prices as bare quotes and no divergence yet."""
+        if "_last_quote" not in state:
+            last = np.asarray(state.pop("_last_price"), dtype=np.float64)
+            quote = np.full((len(last), 3), np.nan)
+            quote[:, 0] = last
+            state["_last_quote"] = quote
+            state["_diverged"] = np.zeros(len(last), dtype=bool)
+        self.__dict__.update(state)
 
     # ------------------------------------------------------------------ registry
     def _lut(self, providers: tuple[str, ...]) -> np.ndarray:
@@ -199,9 +232,10 @@ class ConsensusBook:
             self._hist = np.vstack([self._hist, np.full((k, self.outliers.level_window), np.nan)])
             self._level = np.concatenate([self._level, np.full(k, np.nan)])
             self._last_ts = np.concatenate([self._last_ts, np.full(k, NEVER, dtype=np.int64)])
-            self._last_price = np.concatenate([self._last_price, np.full(k, np.nan)])
+            self._last_quote = np.vstack([self._last_quote, np.full((k, 3), np.nan)])
             self._run_start = np.concatenate([self._run_start, np.full(k, NEVER, dtype=np.int64)])
             self._last_change = np.concatenate([self._last_change, np.full(k, NEVER, dtype=np.int64)])
+            self._diverged = np.concatenate([self._diverged, np.zeros(k, dtype=bool)])
             self._rel = np.concatenate([self._rel, np.ones(k)])
             self._outlier_total = np.concatenate([self._outlier_total, np.zeros(k, dtype=np.int64)])
             self._frozen_total = np.concatenate([self._frozen_total, np.zeros(k, dtype=np.int64)])
@@ -247,9 +281,10 @@ class ConsensusBook:
     def update(self, batch: TickBatch) -> None:
         """Screen the batch's ``OK`` ticks (mark ``OUTLIER`` / ``FROZEN``) and update reliability.
 
-        Ticks are screened in event-time order (sorted here only when needed). Afterwards
-        :attr:`last_tick_reliability` holds, for each tick of the batch, its provider's
-        reliability right after that tick (NaN for ticks that do not count).
+        Ticks are screened in event-time order (sorted here only when needed); the batch's row
+        order is taken as the arrival order, which tells in-order ticks from late ones.
+        Afterwards :attr:`last_tick_reliability` holds, for each tick of the batch, its
+        provider's reliability right after that tick (NaN for ticks that do not count).
         """
         n = len(batch)
         self.last_tick_reliability = np.full(n, np.nan)
@@ -263,54 +298,51 @@ class ConsensusBook:
         cand = np.flatnonzero((status == TickStatus.OK) & valid)
         if len(cand):
             ts = batch.ts_event[cand]
+            in_order = self._in_order(gp[cand], ts)
             if len(ts) > 1 and not np.all(ts[1:] >= ts[:-1]):
                 order = np.argsort(ts, kind="stable")
-                cand, ts = cand[order], ts[order]
-            status[cand] = self._screen(gp[cand], ts, batch.price[cand])
+                cand, ts, in_order = cand[order], ts[order], in_order[order]
+            status[cand] = self._screen(gp[cand], ts, batch.price[cand], batch.bid[cand],
+                                        batch.ask[cand], in_order)
         self._update_reliability(gp, status, valid)
 
-    def _screen(self, pid: np.ndarray, ts: np.ndarray, px: np.ndarray) -> np.ndarray:
+    def _in_order(self, pid: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """Whether each tick (in arrival order) is at least as recent as every earlier arrival
+        of its provider: a late or out-of-order tick says nothing about the feed's present."""
+        ok = np.ones(len(pid), dtype=bool)
+        for p in np.flatnonzero(np.bincount(pid, minlength=len(self._names))).tolist():
+            sel = np.flatnonzero(pid == p)
+            t = ts[sel]
+            seen = np.empty(len(t), dtype=np.int64)
+            seen[0] = self._last_ts[p]
+            seen[1:] = t[:-1]
+            ok[sel] = t >= np.maximum.accumulate(seen)
+        return ok
+
+    def _screen(self, pid: np.ndarray, ts: np.ndarray, px: np.ndarray, bid: np.ndarray,
+                ask: np.ndarray, in_order: np.ndarray) -> np.ndarray:
         """Status (OK / OUTLIER / FROZEN) of candidate ticks sorted by event time."""
         cfg, ccfg = self.outliers, self.consensus
         n, n_prov, w = len(pid), len(self._names), cfg.level_window
-        level0, ts0, run0 = self._level.copy(), self._last_ts.copy(), self._run_start.copy()
-        change0 = self._last_change.copy()
+        level0, ts0 = self._level.copy(), self._last_ts.copy()
 
         level_after = np.empty(n)
-        run_start = np.empty(n, dtype=np.int64)
-        last_change = np.empty(n, dtype=np.int64)
         present = np.flatnonzero(np.bincount(pid, minlength=n_prov))
         masks: dict[int, np.ndarray] = {}
         for p in present.tolist():
             is_p = pid == p
             masks[p] = is_p
             sel = np.flatnonzero(is_p)
-            x, t = px[sel], ts[sel]
-            ext = np.concatenate([self._hist[p], x])
+            ext = np.concatenate([self._hist[p], px[sel]])
             med = _row_median(sliding_window_view(ext, w))  # level before, then after, each tick
             level_after[sel] = med[1:]
-            prev_px = np.empty(len(x))
-            prev_px[0] = self._last_price[p]
-            prev_px[1:] = x[:-1]
-            changed = x != prev_px  # the first tick ever compares with NaN: a change
-            start = np.maximum.accumulate(np.where(changed, np.arange(len(x)), -1))
-            rs = np.where(start >= 0, t[np.maximum(start, 0)], run0[p])
-            run_start[sel] = rs
-            # A move is a change from a known price (a provider's first tick is not a move).
-            moved = np.maximum.accumulate(np.where(changed & ~np.isnan(prev_px), np.arange(len(x)), -1))
-            lc = np.where(moved >= 0, t[np.maximum(moved, 0)], change0[p])
-            last_change[sel] = lc
             self._hist[p] = ext[len(ext) - w:]
             self._level[p] = med[-1]
-            self._last_price[p] = x[-1]
-            self._run_start[p] = rs[-1]
-            self._last_change[p] = lc[-1]
-            self._last_ts[p] = max(int(ts0[p]), int(t.max()))
+            self._last_ts[p] = max(int(ts0[p]), int(ts[sel].max()))
 
-        # Every provider's level / last tick time / last move as of just before each tick.
+        # Every provider's level / last tick time as of just before each tick.
         lv = np.empty((n, n_prov))
         last_t = np.empty((n, n_prov), dtype=np.int64)
-        moves = np.empty((n, n_prov), dtype=np.int64)
         for q in range(n_prov):
             if q in masks:
                 prev = _prev_index(masks[q])
@@ -318,9 +350,8 @@ class ConsensusBook:
                 pi = np.maximum(prev, 0)
                 lv[:, q] = np.where(has, level_after[pi], level0[q])
                 last_t[:, q] = np.where(has, ts[pi], ts0[q])
-                moves[:, q] = np.where(has, last_change[pi], change0[q])
             else:
-                lv[:, q], last_t[:, q], moves[:, q] = level0[q], ts0[q], change0[q]
+                lv[:, q], last_t[:, q] = level0[q], ts0[q]
 
         own = pid[:, None] == np.arange(n_prov)[None, :]
         fresh = (last_t > NEVER) & (ts[:, None] - last_t <= int(ccfg.stale_after_s * NS_PER_S))
@@ -354,9 +385,8 @@ class ConsensusBook:
         band = cfg.band_bp + cfg.dispersion_k * disp_before
         outlier = (k >= 1) & (dev > band)
 
-        # Frozen: unchanged for frozen_after_s while some fresh other provider changed price.
-        others_moved = np.where(fresh & ~own, moves, NEVER).max(axis=1) > run_start
-        frozen = ~outlier & others_moved & (ts - run_start > int(ccfg.frozen_after_s * NS_PER_S))
+        frozen = self._frozen(pid, ts, px, bid, ask, in_order & ~outlier, masks, own, fresh,
+                              lvm, disp_before)
 
         if n_prov:
             self._outlier_total += np.bincount(pid[outlier], minlength=n_prov)
@@ -365,6 +395,90 @@ class ConsensusBook:
         out[outlier] = TickStatus.OUTLIER
         out[frozen] = TickStatus.FROZEN
         return out
+
+    def _frozen(self, pid: np.ndarray, ts: np.ndarray, px: np.ndarray, bid: np.ndarray,
+                ask: np.ndarray, elig: np.ndarray, masks: dict[int, np.ndarray],
+                own: np.ndarray, fresh: np.ndarray, lvm: np.ndarray,
+                disp_before: np.ndarray) -> np.ndarray:
+        """Frozen-feed mask of the candidate ticks (sorted by event time); updates run state.
+
+        Only ``elig`` ticks (in order, not outliers) make, extend or end a provider's runs: a
+        late tick or a bad print of a stale feed is no sign of life, and is never ``FROZEN``
+        itself. A run is a stretch of ticks with the same price; a tick is frozen when its run
+        has lasted more than ``frozen_after_s``, a fresh other provider's price moved since the
+        run began, and at some tick of the run after its first the median level of the other
+        fresh providers was more than ``floor + frozen_dispersion_k x dispersion`` bp away from
+        the unchanged price (floor: ``frozen_quote_move_bp`` at a tick that repeats the previous
+        two-sided quote, bid and ask included, exactly; ``frozen_move_bp`` otherwise).
+        """
+        ccfg = self.consensus
+        n, n_prov = len(pid), len(self._names)
+        change0 = self._last_change.copy()
+        run_start = np.full(n, NEVER, dtype=np.int64)
+        last_change = np.full(n, NEVER, dtype=np.int64)
+        changed = np.ones(n, dtype=bool)
+        repeat = np.zeros(n, dtype=bool)  # the tick repeats its previous two-sided quote exactly
+        runs: list[tuple[int, np.ndarray, np.ndarray, bool]] = []
+        for p, is_p in masks.items():
+            idx = np.flatnonzero(is_p & elig)
+            if not len(idx):
+                continue
+            x, t = px[idx], ts[idx]
+            prev = _shift(x, self._last_quote[p, 0])
+            ch = x != prev  # the first tick ever compares with NaN: a change
+            same = ~ch
+            if same.any():  # NaN bid/ask never repeat
+                b, a = bid[idx], ask[idx]
+                repeat[idx] = (same & (b == _shift(b, self._last_quote[p, 1]))
+                               & (a == _shift(a, self._last_quote[p, 2])))
+            pos = np.arange(len(idx))
+            start = np.maximum.accumulate(np.where(ch, pos, -1))
+            run_start[idx] = np.where(start >= 0, t[np.maximum(start, 0)], self._run_start[p])
+            # A move is a change from a known price (a provider's first tick is not a move).
+            if np.isnan(prev[0]):
+                ch[0] = False
+            moved = np.maximum.accumulate(np.where(ch, pos, -1))
+            last_change[idx] = np.where(moved >= 0, t[np.maximum(moved, 0)], self._last_change[p])
+            changed[idx] = ~same
+            self._last_quote[p] = (x[-1], bid[idx[-1]], ask[idx[-1]])
+            self._run_start[p] = run_start[idx[-1]]
+            self._last_change[p] = last_change[idx[-1]]
+            runs.append((p, idx, start, bool(self._diverged[p])))
+
+        # Divergence, measured at the ticks that repeat their provider's price (elsewhere a
+        # run has just begun at a price of the provider's own): the other fresh providers'
+        # median level against the unchanged price, beyond their usual disagreement. A venue
+        # can print trades at one price for minutes while the market wanders a few bp around
+        # it, so a repeated price needs frozen_move_bp; a live book moves its touch with the
+        # market, so a tick repeating a whole two-sided quote needs only frozen_quote_move_bp.
+        cont = elig & ~changed
+        hit = np.zeros(n, dtype=bool)
+        if cont.any():
+            ref_other = _row_median(np.where(own[cont], np.nan, lvm[cont]))
+            floor = np.where(repeat[cont], ccfg.frozen_quote_move_bp, ccfg.frozen_move_bp)
+            with np.errstate(invalid="ignore"):
+                move = np.abs(ref_other - px[cont]) / px[cont] * _BP
+                hit[cont] = move > floor + ccfg.frozen_dispersion_k * disp_before[cont]
+        diverged = np.zeros(n, dtype=bool)
+        for p, idx, start, carried in runs:
+            last_hit = np.maximum.accumulate(np.where(hit[idx], np.arange(len(idx)), -1))
+            # A hit in the current run (after its start), or a run carried over that had one.
+            diverged[idx] = (last_hit > start) | ((start < 0) & carried)
+            self._diverged[p] = bool(diverged[idx[-1]])
+
+        after = int(ccfg.frozen_after_s * NS_PER_S)
+        rows = np.flatnonzero(cont & diverged & (ts - run_start > after))
+        frozen = np.zeros(n, dtype=bool)
+        if len(rows):
+            # Some fresh other provider's price moved since the run began.
+            latest = np.full(len(rows), NEVER, dtype=np.int64)
+            for q in range(n_prov):
+                before = _prev_index(masks[q] & elig)[rows] if q in masks else np.full(len(rows), -1)
+                lc = np.where(before >= 0, last_change[np.maximum(before, 0)], change0[q])
+                use = fresh[rows, q] & (pid[rows] != q)
+                latest = np.maximum(latest, np.where(use, lc, NEVER))
+            frozen[rows] = latest > run_start[rows]
+        return frozen
 
     def _update_reliability(self, gp: np.ndarray, status: np.ndarray, valid: np.ndarray) -> None:
         """EWMA of good quotes per provider in arrival order (vectorized with ``lfilter``)."""
