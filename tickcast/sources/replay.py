@@ -388,9 +388,11 @@ def expand_bars_to_ticks(bars: pd.DataFrame, asset: str) -> TickBatch:
 
     Each bar becomes four ticks inside its minute: the open at +0 s, then the high and the
     low (the one nearer the open first; the high on a tie) at +20 s and +40 s, the close at
-    +59 s. The volume is split ``v/4, v/4, v/4, v - (v/4 + v/4 + v/4)`` so that summing the
-    sizes in order gives back ``v`` exactly (the last subtraction is exact by Sterbenz's lemma),
-    and a zero-volume bar gives four zero-size ticks. Sequence numbers count each venue's ticks
+    +59 s. The volume is split into four near-equal parts that are all integer multiples of
+    ``ulp(v)``: ``a, a, a, v - 3a`` with ``a = floor(v / 4 / ulp(v)) * ulp(v)``. Every partial sum
+    is then an integer multiple of ``ulp(v)`` no larger than ``v``, hence exactly representable,
+    so the ticks' sizes add back to ``v`` exactly in *any* summation order (pairwise, reduceat,
+    or merged across batches); a zero-volume bar gives four zero-size ticks. Sequence numbers count each venue's ticks
     from 0; ``ts_init`` equals ``ts_event``; bid and ask are NaN.
 
     Parameters
@@ -433,8 +435,9 @@ def expand_bars_to_ticks(bars: pd.DataFrame, asset: str) -> TickBatch:
 
     high_first = (h - o) <= (o - lo)
     price = np.column_stack([o, np.where(high_first, h, lo), np.where(high_first, lo, h), c]).ravel()
-    quarter = v / 4.0
-    rest = v - ((quarter + quarter) + quarter)
+    ulp = np.spacing(np.abs(v))
+    quarter = np.where(v > 0, np.floor((v / 4.0) / ulp) * ulp, 0.0)
+    rest = v - 3.0 * quarter  # exact: 3 * quarter is a multiple of ulp(v) below v
     size = np.column_stack([quarter, quarter, quarter, rest]).ravel()
     ts_event = (ts[:, None] + TICK_OFFSETS_NS[None, :]).ravel()
     provider = np.repeat(vcode.astype(np.int16), 4)
