@@ -210,8 +210,8 @@ class ModelConfig(Section):
     fee_bp: float = Field(1.0, ge=0)
     onnx_parity_tol: float = Field(1e-5, gt=0)
     reference_sample_rows: int = Field(2000, ge=100)
-    native_min_rows: int = Field(32, ge=1)  # without the compiled engine: batches this large use native XGBoost
-    compiled_engine: bool = True  # serve all batch sizes with the compiled tree kernel (bench.inference)
+    native_min_rows: int = Field(32, ge=1)  # no compiled engine: native XGBoost from N rows
+    compiled_engine: bool = True  # all batch sizes on the compiled tree kernel (bench.inference)
 
 
 class TuneConfig(Section):

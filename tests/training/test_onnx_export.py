@@ -33,7 +33,8 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 def booster(data: tuple[np.ndarray, np.ndarray]) -> xgb.Booster:
     x, y = data
     names = [f"feat_{i}" for i in range(F)]  # named features, as in training
-    params = booster_params({"max_depth": 5, "eta": 0.1, "subsample": 0.8}, Q, nthread=2)
+    # One thread: OpenMP barriers on a loaded 2-core machine make nthread=2 fits 20x slower.
+    params = booster_params({"max_depth": 5, "eta": 0.1, "subsample": 0.8}, Q, nthread=1)
     return xgb.train(params, xgb.DMatrix(x[:2000], label=y[:2000], feature_names=names), 60)
 
 
@@ -101,7 +102,17 @@ def test_predictor_picks_engine_by_batch_size_and_pickles(
         booster: xgb.Booster, data: tuple[np.ndarray, np.ndarray]) -> None:
     x, _ = data
     onnx_bytes = booster_to_onnx(booster, F, Q).SerializeToString()
-    pred = QuantilePredictor(onnx_bytes, bytes(booster.save_raw("json")), native_min_rows=16)
+    # With the compiled tree engine every batch size goes to it, and it agrees with XGBoost.
+    fast = QuantilePredictor(onnx_bytes, bytes(booster.save_raw("json")), native_min_rows=16,
+                             native_threads=1)
+    assert fast.has_compiled and fast.engine_summary == "compiled"
+    assert fast.engine_for(1) == "compiled" and fast.engine_for(10_000) == "compiled"
+    np.testing.assert_allclose(fast.predict(x[:500]), booster.inplace_predict(x[:500]),
+                               atol=1e-5, rtol=0)
+    assert pickle.loads(pickle.dumps(fast)).engine_summary == "compiled"
+    # Without it: ONNX below native_min_rows, native from there on.
+    pred = QuantilePredictor(onnx_bytes, bytes(booster.save_raw("json")), native_min_rows=16,
+                             native_threads=1, compiled=False)
     assert pred.engine_for(1) == "onnx" and pred.engine_for(16) == "native"
     small, big = pred.predict(x[:3]), pred.predict(x[:500])
     assert small.shape == (3, 3) and big.shape == (500, 3) and big.dtype == np.float32
@@ -111,9 +122,9 @@ def test_predictor_picks_engine_by_batch_size_and_pickles(
 
     clone = pickle.loads(pickle.dumps(pred))
     np.testing.assert_array_equal(clone.predict(x[:500]), big)
-    assert clone.native_min_rows == 16 and clone.has_native
+    assert clone.native_min_rows == 16 and clone.has_native and not clone.has_compiled
 
-    onnx_only = QuantilePredictor(onnx_bytes)
+    onnx_only = QuantilePredictor(onnx_bytes, compiled=False)
     assert onnx_only.engine_for(10_000) == "onnx" and not onnx_only.has_native
     with pytest.raises(RegistryError):
         onnx_only.predict_native(x[:2])
