@@ -5,7 +5,8 @@
 1. make sure Redis answers (embedded server unless ``REDIS_URL``) and attach to Ray;
 2. get or create the per-asset actors (``asset:<ASSET>``) and note their counters;
 3. read the source -- a bar file expanded into ticks (``replay``) or the market simulator
-   (``sim``) -- and append one stream entry per tick batch through a
+   (``sim``; unpaced, its deliveries are joined per asset up to ``ingest.batch_max_ticks``
+   ticks) -- and append one stream entry per tick batch through a
    :class:`~actors.feeder.StreamFeeder` (pipelined, breaker + write-ahead log, so a Redis
    outage loses no acknowledged batch), pacing by event time when a speed is given and holding
    back while the streams' backlog is large;
@@ -60,6 +61,7 @@ class IngestPlan:
     speed: float | None = None
     minutes: float = 60.0
     seed: int = 7
+    start_ns: int | None = None  # sim: first event time (default: the simulator's own start)
 
     def __post_init__(self) -> None:
         if self.source not in ("replay", "sim"):
@@ -120,12 +122,64 @@ def open_replay(path: Path, assets: tuple[str, ...], known: tuple[str, ...],
     return _Source(batches=merged, total_ticks=total, file_rejected=dict(replay.rejected))
 
 
-def open_sim(settings: Settings, assets: tuple[str, ...], minutes: float, seed: int) -> _Source:
-    """The market simulator (batches per asset in delivery order)."""
+def open_sim(settings: Settings, assets: tuple[str, ...], minutes: float, seed: int,
+             coalesce_max_ticks: int | None = None, start_ns: int | None = None) -> _Source:
+    """The market simulator (batches per asset in delivery order).
+
+    With ``coalesce_max_ticks``, consecutive batches of an asset are joined into one of at most
+    that many ticks (see :func:`coalesce_batches`; for unpaced runs).
+    """
     from tickcast.sources.simulator import MarketSimulator
 
-    sim = MarketSimulator.from_settings(settings, seed, assets)
-    return _Source(batches=iter(sim.run(minutes)), total_ticks=None, simulator=sim)
+    sim = MarketSimulator.from_settings(settings, seed, assets, start_ns=start_ns)
+    batches: Iterator[TickBatch] = iter(sim.run(minutes))
+    if coalesce_max_ticks is not None:
+        batches = coalesce_batches(batches, coalesce_max_ticks)
+    return _Source(batches=batches, total_ticks=None, simulator=sim)
+
+
+def coalesce_batches(batches: Iterable[TickBatch], max_ticks: int) -> Iterator[TickBatch]:
+    """Join consecutive batches of each asset into batches of at most ``max_ticks`` ticks.
+
+    Each asset's ticks keep their delivery order (a joined batch is its parts one after the
+    other), so per-tick statuses line up with the source's labels and lateness, which the
+    pipeline judges tick by tick in arrival order, is unchanged. A batch larger than
+    ``max_ticks`` is passed on whole (it was one delivery). Joined batches are yielded when the
+    next part would overflow them, and the rest at the end, per asset in order of first
+    appearance. Meant for unpaced runs: it holds ticks back until a batch is full.
+
+    Raises
+    ------
+    InvalidInput
+        ``max_ticks`` < 1.
+
+    Examples
+    --------
+    >>> from tickcast.ticks import NS_PER_S
+    >>> parts = [TickBatch.from_columns(a, ["p"] * k, ts_event=[i * NS_PER_S] * k, price=[1.0] * k)
+    ...          for i, (a, k) in enumerate([("A", 2), ("B", 1), ("A", 2), ("A", 3), ("B", 1)])]
+    >>> [(b.asset, len(b)) for b in coalesce_batches(parts, 4)]
+    [('A', 4), ('A', 3), ('B', 2)]
+    """
+    if isinstance(max_ticks, bool) or not isinstance(max_ticks, int) or max_ticks < 1:
+        raise InvalidInput(f"max_ticks must be an integer >= 1, got {max_ticks!r}", field="max_ticks")
+    pending: dict[str, list[TickBatch]] = {}
+    sizes: dict[str, int] = {}
+    for batch in batches:
+        parts = pending.setdefault(batch.asset, [])
+        if parts and sizes[batch.asset] + len(batch) > max_ticks:
+            yield _joined(parts)
+            parts.clear()
+            sizes[batch.asset] = 0
+        parts.append(batch)
+        sizes[batch.asset] = sizes.get(batch.asset, 0) + len(batch)
+    for parts in pending.values():
+        if parts:
+            yield _joined(parts)
+
+
+def _joined(parts: list[TickBatch]) -> TickBatch:
+    return parts[0] if len(parts) == 1 else TickBatch.concat(parts)
 
 
 def _paced(batches: Iterable[TickBatch], speed: float | None) -> Iterator[TickBatch]:
@@ -253,7 +307,12 @@ def run_ingest(settings: Settings, plan: IngestPlan, *, progress: TextIO | None 
         assert plan.path is not None  # checked by IngestPlan
         source = open_replay(plan.path, plan.assets, settings.assets, cfg.batch_max_ticks)
     else:
-        source = open_sim(settings, plan.assets, plan.minutes, plan.seed)
+        # Unpaced, the simulator's small deliveries (``simulator.batch_s`` of receive time) are
+        # joined per asset into stream entries of up to ``batch_max_ticks``, as a replay's are:
+        # the per-entry costs (a step, a group of store writes, a checkpoint) dominate tiny
+        # entries. Paced runs keep one entry per delivery, on time.
+        source = open_sim(settings, plan.assets, plan.minutes, plan.seed,
+                          cfg.batch_max_ticks if plan.speed is None else None, plan.start_ns)
     if plan.source == "sim" and not settings.ingest.keep_tick_status:
         settings = settings.with_overrides(**{"ingest.keep_tick_status": True})  # to score detection
 

@@ -9,6 +9,12 @@ Amendments: the data plane may re-emit a bar it already emitted (same ``ts``, am
 while the bar is within the allowed lateness, and may deliver a bar for a minute that was a gap.
 The class keeps, for each of the last ``amend_depth`` bars, the bar and the state before it;
 such an update restores the snapshot before the affected bar and replays the newer bars.
+
+Catch-up: :meth:`OnlineFeatures.update_many` feeds a whole frame of bars with the state and
+rows of feeding them one by one, bit for bit. Only the newest row is wanted then, so a run of
+new bars advances the buffers in one step and the recursions (RSI and MACD averages) in a
+plain loop of float operations; the last ``amend_depth`` bars of the run go through the
+per-bar path, which keeps the amendment snapshots and computes the row.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -29,6 +35,7 @@ from tickcast.features.definitions import (
     TOD_SIN,
     ema_alpha,
     feature_names,
+    imputed_mask,
     is_imputed,
     k_momentum,
     k_ratio,
@@ -193,6 +200,71 @@ def _parse_bar(bar: Mapping[str, Any], freq_ns: int) -> _Bar:
     )
 
 
+# Numeric bar fields read by _parse_bar, in _Bar order after ts.
+_NUM_FIELDS: tuple[str, ...] = ("close", "volume", "vwap", "confidence", "providers")
+# What update_many calls for each bad bar (row position in the frame, the error).
+ErrorHandler = Callable[[int, InvalidInput], None]
+
+
+@dataclass
+class _Columns:
+    """Bars of a frame as columns, in frame order (rows in ``errors`` hold no bar)."""
+
+    ts: np.ndarray
+    close: np.ndarray
+    volume: np.ndarray
+    vwap: np.ndarray
+    confidence: np.ndarray
+    providers: np.ndarray
+    imputed: np.ndarray
+    errors: dict[int, InvalidInput]
+
+    def bar(self, i: int) -> _Bar:
+        return _Bar(ts=int(self.ts[i]), close=float(self.close[i]), volume=float(self.volume[i]),
+                    vwap=float(self.vwap[i]), confidence=float(self.confidence[i]),
+                    providers=float(self.providers[i]), imputed=bool(self.imputed[i]))
+
+
+def _plain_numeric(col: pd.Series) -> bool:
+    """A numpy int or float column: each value reads as ``float(v)`` (no None, NA or bool)."""
+    return isinstance(col.dtype, np.dtype) and col.dtype.kind in "iuf"
+
+
+def _bar_columns(bars: pd.DataFrame, freq_ns: int) -> _Columns:
+    """Read a frame as :func:`_parse_bar` reads each of its rows (same values, same errors).
+
+    Frames of plain numeric columns (the bar schema) are read column-wise; anything else is
+    parsed row by row with :func:`_parse_bar` itself.
+    """
+    n = len(bars)
+    cols = bars.columns
+    fast = (cols.is_unique and "ts" in cols and "close" in cols
+            and isinstance(bars["ts"].dtype, np.dtype) and bars["ts"].dtype.kind == "i"
+            and all(_plain_numeric(bars[c]) for c in _NUM_FIELDS if c in cols))
+    if fast:
+        ts = bars["ts"].to_numpy(dtype=np.int64)
+        num = {c: (bars[c].to_numpy(dtype=np.float64) if c in cols else np.full(n, np.nan))
+               for c in _NUM_FIELDS}
+        imputed = (imputed_mask(bars["imputed"].to_numpy(dtype=object)) if "imputed" in cols
+                   else np.zeros(n, dtype=bool))
+        errors = {i: InvalidInput(f"bar.ts {int(ts[i])} is not on the {freq_ns} ns grid", field="ts")
+                  for i in np.flatnonzero(ts % freq_ns != 0).tolist()}
+        return _Columns(ts, num["close"], num["volume"], num["vwap"], num["confidence"],
+                        num["providers"], imputed, errors)
+    out = _Columns(np.zeros(n, dtype=np.int64), *(np.full(n, np.nan) for _ in _NUM_FIELDS),
+                   np.zeros(n, dtype=bool), {})
+    for i, rec in enumerate(bars.to_dict("records")):
+        try:
+            b = _parse_bar(rec, freq_ns)
+        except InvalidInput as exc:
+            out.errors[i] = exc
+            continue
+        out.ts[i] = b.ts
+        out.close[i], out.volume[i], out.vwap[i] = b.close, b.volume, b.vwap
+        out.confidence[i], out.providers[i], out.imputed[i] = b.confidence, b.providers, b.imputed
+    return out
+
+
 def _shift_in(buf: np.ndarray, value: float) -> None:
     buf[:-1] = buf[1:]
     buf[-1] = value
@@ -282,6 +354,81 @@ class OnlineFeatures:
             self._replay_from(b)
         return self._last_row.copy()
 
+    def update_many(self, bars: pd.DataFrame, on_error: ErrorHandler | None = None) -> np.ndarray:
+        """Feed every row of a frame, in frame order, as :meth:`update` would one by one.
+
+        The state afterwards, :attr:`last_row`, the amendment snapshots and :attr:`replays`
+        are exactly those of calling :meth:`update` on each row (``to_dict("records")``), bit
+        for bit; only the rows of the bars before the newest are not computed (a catch-up
+        publishes the newest row only).
+
+        Parameters
+        ----------
+        bars
+            Bar frame (the :meth:`update` fields as columns). New bars, amendments of recent
+            bars and late inserts may be mixed, in the order they are to be applied.
+        on_error
+            Called with (row position, error) for each row :meth:`update` would refuse; that
+            row is skipped and the others are applied. None: raise the first such error
+            after applying the rows before it (as a loop of :meth:`update` would stop).
+
+        Returns
+        -------
+        numpy.ndarray
+            The newest bar's row, as :meth:`update` returns it (a copy of :attr:`last_row`).
+
+        Raises
+        ------
+        InvalidInput
+            ``bars`` is not a DataFrame; or a row is malformed or amends a bar older than the
+            ``amend_depth`` kept, when ``on_error`` is None.
+
+        Examples
+        --------
+        >>> frame = pd.DataFrame({"ts": np.arange(300, dtype=np.int64) * NS_PER_MIN,
+        ...                       "close": 100.0 + np.sin(np.arange(300) / 7.0)})
+        >>> bulk, loop = OnlineFeatures(FeatureConfig()), OnlineFeatures(FeatureConfig())
+        >>> row = bulk.update_many(frame)
+        >>> rows = [loop.update(r) for r in frame.to_dict("records")]
+        >>> np.array_equal(row, rows[-1], equal_nan=True), bulk.last_ts == loop.last_ts
+        (True, True)
+        """
+        if not isinstance(bars, pd.DataFrame):
+            raise InvalidInput(f"bars must be a pandas DataFrame, got {type(bars).__name__}",
+                               field="bars")
+        cols = _bar_columns(bars, self._freq)
+        n = len(cols.ts)
+        # Which rows advance (newer than every bar applied before them): the rest amend.
+        bad = np.zeros(n, dtype=bool)
+        bad[list(cols.errors)] = True
+        floor = np.iinfo(np.int64).min
+        ts = np.where(bad, floor, cols.ts)
+        last = floor if self._state.last_ts is None else int(self._state.last_ts)
+        applied = np.maximum.accumulate(np.concatenate(([last], ts)))[:-1]
+        advance = ~bad & ((ts > applied) | (applied == floor))
+        i = 0
+        while i < n:
+            if i in cols.errors:
+                if on_error is None:
+                    raise cols.errors[i]
+                on_error(i, cols.errors[i])
+                i += 1
+            elif advance[i]:
+                j = i + 1
+                while j < n and advance[j]:
+                    j += 1
+                self._advance_run(cols, i, j)
+                i = j
+            else:
+                try:
+                    self._replay_from(cols.bar(i))
+                except InvalidInput as exc:
+                    if on_error is None:
+                        raise
+                    on_error(i, exc)
+                i += 1
+        return self._last_row.copy()
+
     def update_frame(self, bars: pd.DataFrame) -> np.ndarray:
         """Feed every bar of a frame in ``ts`` order; one row per bar (warm-up after restart)."""
         if not isinstance(bars, pd.DataFrame):
@@ -293,6 +440,75 @@ class OnlineFeatures:
         for i, rec in enumerate(recs):
             out[i] = self.update(rec)
         return out
+
+    def _advance_run(self, cols: _Columns, start: int, stop: int) -> None:
+        """Apply the new bars ``start:stop`` (increasing ts, all newer than the state).
+
+        All but the last ``amend_depth`` bars only move the state, with the very operations of
+        :meth:`_advance` (see :meth:`_skip_ahead`); the last ones take the per-bar path, which
+        records the snapshots an amendment replays from and computes the newest row.
+        """
+        split = max(start, stop - self._cfg.amend_depth)
+        if split > start:
+            self._skip_ahead(cols, start, split)
+        st = self._state
+        for i in range(split, stop):
+            b = cols.bar(i)
+            self._history.append((b, st.copy()))
+            self._last_row = self._advance(st, b)
+
+    def _skip_ahead(self, cols: _Columns, start: int, stop: int) -> None:
+        """Advance the state over bars ``start:stop`` without computing their rows.
+
+        Same arithmetic as :meth:`_advance`, in the same order: the log close and log volume of
+        each bar go to the grid (a gap becomes ``min(missing, window)`` NaN slots, exactly what
+        :meth:`_push_missing` shifts in), the buffers become the last ``window`` slots, and the
+        recursions are fed the same inputs one bar at a time.
+        """
+        st, w = self._state, self._window
+        ts, close = cols.ts[start:stop], cols.close[start:stop]
+        vol, imputed = cols.volume[start:stop], cols.imputed[start:stop]
+        m = len(ts)
+        prev = np.empty(m, dtype=np.int64)
+        prev[1:] = ts[:-1]
+        prev[0] = ts[0] - self._freq if st.last_ts is None else st.last_ts
+        missing = (ts - prev) // self._freq - 1
+        gap = missing > 0
+        with np.errstate(invalid="ignore"):
+            valid = ~imputed & np.isfinite(close) & (close > 0)
+            vol_ok = valid & np.isfinite(vol) & (vol >= 0)
+        logc = np.full(m, np.nan)
+        logc[valid] = np.log(close[valid])
+        lvol = np.full(m, np.nan)
+        lvol[vol_ok] = np.log1p(vol[vol_ok])
+        # Grid slot of each bar after the current buffer (gaps shortened to the window).
+        slot = w - 1 + np.cumsum(np.minimum(np.maximum(missing, 0), w) + 1)
+        grid_c = np.full(int(slot[-1]) + 1, np.nan)
+        grid_v = np.full(int(slot[-1]) + 1, np.nan)
+        grid_c[:w], grid_v[:w] = st.logc, st.lvol
+        grid_c[slot], grid_v[slot] = logc, lvol
+        r1 = grid_c[slot] - grid_c[slot - 1]
+        gains = np.maximum(r1, 0.0).tolist()
+        losses = np.maximum(-r1, 0.0).tolist()
+
+        gain, loss, fast, slow, signal = st.gain, st.loss, st.ema_fast, st.ema_slow, st.signal
+        run = st.run
+        for g, lo, c, ok, gp in zip(gains, losses, close.tolist(), valid.tolist(), gap.tolist()):
+            if gp:
+                run = 0
+                for ema in (gain, loss, fast, slow, signal):
+                    ema.update(_NAN)
+            run = run + 1 if ok else 0
+            gain.update(g)
+            loss.update(lo)
+            cv = c if ok else _NAN
+            ef = fast.update(cv)
+            es = slow.update(cv)
+            signal.update((ef - es) / c if ok else _NAN)
+        st.run = run
+        st.last_ts = int(ts[-1])
+        st.logc = grid_c[-w:].copy()
+        st.lvol = grid_v[-w:].copy()
 
     def _replay_from(self, b: _Bar) -> None:
         hist = list(self._history)

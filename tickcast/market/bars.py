@@ -57,26 +57,46 @@ _BOOL_COLS = ("emitted",)
 _CONS_VALUES = ("open", "high", "low", "close", "volume", "vwap", "ticks", "providers", "confidence")
 
 
-def empty_bar_frame(with_provider: bool = False) -> pd.DataFrame:
-    """An empty bar frame with the bar schema (plus ``provider`` when asked)."""
+def _build_empty_frame(with_provider: bool) -> pd.DataFrame:
     cols = list(BAR_COLUMNS) + (["provider"] if with_provider else [])
     return pd.DataFrame({c: pd.Series(dtype=_BAR_DTYPES[c]) for c in cols})
+
+
+# Building an empty frame with this schema costs about a millisecond (one Series per column),
+# more than the rest of a small batch's work; every call hands out a shallow copy of one
+# template instead (pandas copy-on-write keeps the template unchanged whatever callers do).
+_EMPTY_TEMPLATES: dict[bool, pd.DataFrame] = {False: _build_empty_frame(False),
+                                              True: _build_empty_frame(True)}
+# The dtype text columns get (pandas' "str"); naming it spares the constructor inferring it.
+_TEXT_DTYPE = _EMPTY_TEMPLATES[True]["provider"].dtype
+
+
+def empty_bar_frame(with_provider: bool = False) -> pd.DataFrame:
+    """An empty bar frame with the bar schema (plus ``provider`` when asked).
+
+    Examples
+    --------
+    >>> f = empty_bar_frame(True)
+    >>> len(f), list(f.columns)[-2:], str(f["ts"].dtype)
+    (0, ['imputed', 'provider'], 'int64')
+    """
+    return _EMPTY_TEMPLATES[bool(with_provider)].copy(deep=False)
 
 
 def bar_frame(columns: dict[str, np.ndarray], provider: np.ndarray | None = None) -> pd.DataFrame:
     """Bar frame from numpy columns (``imputed`` set to ``""``; ``provider`` appended if given)."""
     n = len(columns["ts"])
-    data: dict[str, np.ndarray] = {
+    data: dict[str, object] = {
         "ts": columns["ts"].astype(np.int64, copy=False),
         **{c: columns[c].astype(np.float64, copy=False)
            for c in ("open", "high", "low", "close", "volume", "vwap")},
         "ticks": columns["ticks"].astype(np.int64, copy=False),
         "providers": columns["providers"].astype(np.int64, copy=False),
         "confidence": columns["confidence"].astype(np.float64, copy=False),
-        "imputed": np.full(n, "", dtype=object),
+        "imputed": pd.array(np.full(n, "", dtype=object), dtype=_TEXT_DTYPE),
     }
     if provider is not None:
-        data["provider"] = provider
+        data["provider"] = pd.array(np.asarray(provider, dtype=object), dtype=_TEXT_DTYPE)
     return pd.DataFrame(data)
 
 
@@ -309,6 +329,8 @@ class BarBuilder:
                                field="reliability")
         late = np.zeros(n, dtype=bool)
         touched = np.zeros(len(self._rows["pid"]), dtype=bool)
+        max_before = self._max_ts
+        changed_from = int(LATEST)  # earliest minute whose partial bars this batch changes
         if n:
             lut = self._lut(batch.providers)
             valid = (batch.provider >= 0) & (batch.provider < len(batch.providers))
@@ -335,9 +357,10 @@ class BarBuilder:
                 parts.append(self._group_ticks(batch, gp, frz, reliability, frozen=True))
                 ranks.append(1)
             if len(parts) > 1:
+                changed_from = int(min(int(p["minute"].min()) for p in parts[1:]))
                 self._rows, touched = self._merge(parts, ranks)
         late_batch = batch.take(late) if late.any() else TickBatch.empty(self.asset, batch.providers)
-        return self._emit(touched, late_batch, final=False)
+        return self._emit(touched, late_batch, final=False, since=(max_before, changed_from))
 
     def flush(self) -> BarUpdate:
         """Emit every bar still open and forget them (end of a replay).
@@ -354,7 +377,10 @@ class BarBuilder:
         return self._emit(touched, TickBatch.empty(self.asset), final=True)
 
     # ------------------------------------------------------------------ emission
-    def _emit(self, touched: np.ndarray, late: TickBatch, final: bool) -> BarUpdate:
+    def _emit(self, touched: np.ndarray, late: TickBatch, final: bool,
+              since: tuple[int, int] | None = None) -> BarUpdate:
+        """Emit what became due; ``since`` = (newest event time before the batch, earliest
+        minute the batch changed), which lets a batch that changed nothing due skip the work."""
         r = self._rows
         minute, ticks = r["minute"], r["ticks"]
         if len(minute) == 0:
@@ -362,6 +388,8 @@ class BarBuilder:
         freq = self.freq_ns
         closed = np.ones(len(minute), dtype=bool) if final else (minute + 1) * freq <= self._max_ts
         real = ticks > 0
+        if since is not None and self._nothing_due(closed, since):
+            return BarUpdate(empty_bar_frame(), empty_bar_frame(True), late, self.watermark_ns)
         emit_p = closed & real & (~r["emitted"] | touched)
         r["emitted"] |= closed & real
 
@@ -384,6 +412,23 @@ class BarBuilder:
             gone = (self._cons_min + 1) * freq <= wm
             self._cons_min, self._cons_vals = self._cons_min[~gone], self._cons_vals[~gone]
         return BarUpdate(cons_df, provider_df, late, self.watermark_ns, n_new, n_amended)
+
+    def _nothing_due(self, closed: np.ndarray, since: tuple[int, int]) -> bool:
+        """True when this update can neither emit nor forget a bar (most small batches).
+
+        A consensus bar depends only on the partial bars of its minute and earlier ones (the
+        forward-filled provider state runs forward in time) and on whether its end has passed.
+        Every closed bar was emitted with its current values by the last full evaluation, so
+        a batch whose changes all fall in still-open minutes, that closes no minute and moves
+        the watermark past no bar end, would emit exactly nothing: the evaluation is skipped.
+        """
+        max_before, changed_from = since
+        minute = self._rows["minute"]
+        end = (minute + 1) * self.freq_ns
+        if np.any(end <= self._max_ts - self.lateness_ns):  # bars to forget: full path
+            return False
+        affected = closed & ((minute >= changed_from) | (end > max_before))
+        return not affected.any()
 
     def _provider_frame(self, idx: np.ndarray) -> pd.DataFrame:
         if len(idx) == 0:

@@ -208,11 +208,13 @@ class MarketSimulator:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, seed: int, assets: tuple[str, ...] | None = None
+        cls, settings: Settings, seed: int, assets: tuple[str, ...] | None = None,
+        start_ns: int | None = None,
     ) -> "MarketSimulator":
         """A simulator shaped by the whole configuration (simulator, consensus, bars)."""
         return cls(settings.simulator, assets or settings.assets, seed,
-                   consensus=settings.consensus, bars=settings.bars)
+                   consensus=settings.consensus, bars=settings.bars,
+                   start_ns=DEFAULT_START_NS if start_ns is None else start_ns)
 
     # ------------------------------------------------------------------ public API
 
