@@ -245,6 +245,7 @@ class ServeConfig(Section):
     prediction_log_queue: int = Field(100_000, ge=1)
     sla_latency_ms: float = Field(150.0, gt=0)
     use_haproxy: bool = True
+    haproxy_threads: int = Field(1, ge=1)  # HAProxy nbthread (Ray's default, 4, oversubscribes 2 cores)
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     # Replicas: resources and concurrency (one FastAPI-ingress deployment, see serve_app/app.py).
     replica_num_cpus: float = Field(0.0, ge=0)  # 0: replicas never wait for a CPU reservation
@@ -252,6 +253,7 @@ class ServeConfig(Section):
     max_ongoing_requests: int = Field(32, ge=1)  # per replica; beyond it HAProxy queues
     handler_threads: int = Field(4, ge=0)  # persistent scoring threads per replica; 0: on the event loop
     access_log: bool = False  # Ray Serve's per-request access log line (costs ~3% at 2k req/s)
+    gil_switch_interval_s: float = Field(0.001, gt=0)  # replica's sys.setswitchinterval (default 0.005)
     onnx_threads: int = Field(1, ge=1)  # onnxruntime intra-op threads per session
     native_threads: int = Field(1, ge=1)  # XGBoost threads for large batches (model.native_min_rows)
     # Routing state (blue/green versions, weights, shadow) shared by replicas through Redis.
@@ -269,6 +271,7 @@ class ServeConfig(Section):
     metrics_publish_s: float = Field(1.0, gt=0)  # replica metrics merged through Redis this often
     # `tickcast serve`: what feeds the online features, and how long --detach waits for ready.
     feed: Literal["simulator", "streams", "none"] = "simulator"
+    closed_loop: bool = True  # `tickcast serve` also starts the drift/safety actors and controller
     feed_backfill_minutes: float = Field(90.0, ge=0)
     feed_seed: int = 7
     ready_timeout_s: float = Field(300.0, gt=0)
