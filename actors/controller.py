@@ -60,7 +60,8 @@ from typing import Any
 import ray
 import yaml
 
-from actors.loop_support import (EventSink, LoopMetrics, call_quietly, checkpoint_path,
+from actors.loop_support import (CheckpointedLoopActor, EventSink,
+                                 LoopMetrics, call_quietly, checkpoint_path,
                                  get_or_create, kill_named, load_checkpoint, read_entries,
                                  save_checkpoint, settings_fingerprint, stream_tail_id)
 from tickcast.config import Settings
@@ -170,7 +171,7 @@ def _last_json(text: str) -> dict[str, Any] | None:
 
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
-class Controller:
+class Controller(CheckpointedLoopActor):
     """Retrain, shadow-evaluate, promote, watch and roll back (see the module docstring).
 
     Parameters
@@ -741,20 +742,6 @@ class Controller:
                     "job_server": self._jobs is not None if self._jobs_checked else None,
                     "event_writer": self.sink.stats()}
 
-    def fingerprint(self) -> str:
-        """Configuration identity."""
-        return self._fingerprint
-
-    def pid(self) -> int:
-        """OS process id (fault tests kill it)."""
-        return os.getpid()
-
-    def stop(self) -> bool:
-        """Stop the loop and checkpoint (before a planned kill)."""
-        self._stop.set()
-        self._thread.join(timeout=10)
-        with self._lock:
-            return save_checkpoint(self.path, self.state) is None
 
 
 def get_or_create_controller(settings: Settings, redis_url: str, timeout_s: float = 60.0) -> Any:

@@ -47,7 +47,8 @@ import numpy as np
 import pandas as pd
 import ray
 
-from actors.loop_support import (EventSink, LoopMetrics, call_quietly, checkpoint_path,
+from actors.loop_support import (CheckpointedLoopActor, EventSink,
+                                 LoopMetrics, call_quietly, checkpoint_path,
                                  decode_features, get_or_create, kill_named, load_checkpoint,
                                  read_entries, save_checkpoint, settings_fingerprint,
                                  stream_tail_id)
@@ -126,7 +127,7 @@ class DriftActorState:
 
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
-class DriftActor:
+class DriftActor(CheckpointedLoopActor):
     """Drift of one asset's champion (see the module docstring).
 
     Parameters
@@ -346,20 +347,6 @@ class DriftActor:
                 save_checkpoint(self.path, self.state)
         return self.status()
 
-    def fingerprint(self) -> str:
-        """Configuration identity."""
-        return self._fingerprint
-
-    def pid(self) -> int:
-        """OS process id (fault tests kill it)."""
-        return os.getpid()
-
-    def stop(self) -> bool:
-        """Stop the loop and checkpoint (before a planned kill)."""
-        self._stop.set()
-        self._thread.join(timeout=10)
-        with self._lock:
-            return save_checkpoint(self.path, self.state) is None
 
 
 def get_or_create_drift_actor(asset: str, settings: Settings, redis_url: str,

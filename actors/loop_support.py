@@ -237,3 +237,34 @@ def call_quietly(fn: Callable[[], Any]) -> Any:
     except Exception as exc:  # noqa: BLE001
         log.info("best-effort call failed: %s", exc)
         return None
+
+
+class CheckpointedLoopActor:
+    """Messages every closed-loop actor answers the same way.
+
+    Subclasses own ``_fingerprint`` (configuration identity), a background thread ``_thread``
+    driven by the event ``_stop``, a ``_lock`` over ``state``, and ``path``, where ``state`` is
+    checkpointed with :func:`save_checkpoint`.
+    """
+
+    _fingerprint: str
+    _stop: Any
+    _thread: Any
+    _lock: Any
+    path: Path
+    state: Any
+
+    def fingerprint(self) -> str:
+        """Configuration identity."""
+        return self._fingerprint
+
+    def pid(self) -> int:
+        """OS process id (fault tests kill it)."""
+        return os.getpid()
+
+    def stop(self) -> bool:
+        """Stop the loop and checkpoint (before a planned kill)."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+        with self._lock:
+            return save_checkpoint(self.path, self.state) is None

@@ -41,7 +41,8 @@ from typing import Any
 import pandas as pd
 import ray
 
-from actors.loop_support import (EventSink, LoopMetrics, checkpoint_path, get_or_create,
+from actors.loop_support import (CheckpointedLoopActor, EventSink,
+                                 LoopMetrics, checkpoint_path, get_or_create,
                                  kill_named, load_checkpoint, read_entries, save_checkpoint,
                                  settings_fingerprint, stream_tail_id)
 from tickcast.config import Settings
@@ -89,7 +90,7 @@ def safety_fields(status: SafetyStatus, champion: str | None, now_ns: int) -> di
 
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
-class SafetyActor:
+class SafetyActor(CheckpointedLoopActor):
     """Regime, paper P&L, halt and position multiplier of one asset (see the module docstring).
 
     Parameters
@@ -264,20 +265,6 @@ class SafetyActor:
                 save_checkpoint(self.path, self.state)
         return self.status()
 
-    def fingerprint(self) -> str:
-        """Configuration identity."""
-        return self._fingerprint
-
-    def pid(self) -> int:
-        """OS process id (fault tests kill it)."""
-        return os.getpid()
-
-    def stop(self) -> bool:
-        """Stop the loop and checkpoint (before a planned kill)."""
-        self._stop.set()
-        self._thread.join(timeout=10)
-        with self._lock:
-            return save_checkpoint(self.path, self.state) is None
 
 
 def get_or_create_safety_actor(asset: str, settings: Settings, redis_url: str,
