@@ -220,21 +220,9 @@ class Controller(CheckpointedLoopActor):
         self._thread.start()
 
     # ------------------------------------------------------------------ plumbing
-    def _run(self) -> None:
-        backoff = self.settings.ingest.read_retry_initial_s
-        while not self._stop.is_set():
-            try:
-                busy = self._step()
-                backoff = self.settings.ingest.read_retry_initial_s
-            except Exception as exc:  # noqa: BLE001 - Redis down, registry unreadable: retry
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("controller: %s", self.last_error)
-                self._rollback()
-                self._stop.wait(backoff)
-                backoff = min(2 * backoff, self.settings.ingest.read_retry_max_s)
-                continue
-            if not busy:
-                self._stop.wait(self.settings.controller.poll_s)
+    def _idle_s(self) -> float:
+        """The controller polls on its own period (``controller.poll_s``)."""
+        return self.settings.controller.poll_s
 
     def _rollback(self) -> None:
         """A step failed half-way: back to the last checkpoint (its inputs are read again).

@@ -170,21 +170,6 @@ class DriftActor(CheckpointedLoopActor):
         self._thread.start()
 
     # -- the loop ---------------------------------------------------------------------------------
-    def _run(self) -> None:
-        backoff = self.settings.ingest.read_retry_initial_s
-        while not self._stop.is_set():
-            try:
-                busy = self._step()
-                backoff = self.settings.ingest.read_retry_initial_s
-            except Exception as exc:  # noqa: BLE001 - Redis down, unreadable files: retry later
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("drift %s: %s", self.asset, self.last_error)
-                self._rollback()
-                self._stop.wait(backoff)
-                backoff = min(2 * backoff, self.settings.ingest.read_retry_max_s)
-                continue
-            if not busy:
-                self._stop.wait(self.settings.controller.monitor_poll_s)
 
     def _rollback(self) -> None:
         """A step failed half-way: back to the last checkpoint (its inputs are read again)."""

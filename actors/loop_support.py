@@ -253,6 +253,38 @@ class CheckpointedLoopActor:
     _lock: Any
     path: Path
     state: Any
+    settings: Settings
+    last_error: str
+
+    def _step(self) -> bool:
+        """One pass over the inputs; True when more is waiting (subclasses define it)."""
+        raise TypeError(f"{type(self).__name__} must define _step")
+
+    def _rollback(self) -> None:
+        """Back to the last checkpoint after a failed step (subclasses define it)."""
+        raise TypeError(f"{type(self).__name__} must define _rollback")
+
+    def _idle_s(self) -> float:
+        """How long the loop sleeps when a step found nothing to do."""
+        return self.settings.controller.monitor_poll_s
+
+    def _run(self) -> None:
+        """The background loop: step; on failure roll back and retry with backoff."""
+        label = " ".join(filter(None, (type(self).__name__, getattr(self, "asset", ""))))
+        backoff = self.settings.ingest.read_retry_initial_s
+        while not self._stop.is_set():
+            try:
+                busy = self._step()
+                backoff = self.settings.ingest.read_retry_initial_s
+            except Exception as exc:  # noqa: BLE001 - Redis down, unreadable files: retry later
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("%s: %s", label, self.last_error)
+                self._rollback()
+                self._stop.wait(backoff)
+                backoff = min(2 * backoff, self.settings.ingest.read_retry_max_s)
+                continue
+            if not busy:
+                self._stop.wait(self._idle_s())
 
     def fingerprint(self) -> str:
         """Configuration identity."""
