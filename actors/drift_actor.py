@@ -333,7 +333,6 @@ class DriftActor(CheckpointedLoopActor):
         return self.status()
 
 
-
 def get_or_create_drift_actor(asset: str, settings: Settings, redis_url: str,
                               timeout_s: float = 60.0) -> Any:
     """The drift actor of ``asset`` with this configuration (created if needed, detached)."""

@@ -251,7 +251,6 @@ class SafetyActor(CheckpointedLoopActor):
         return self.status()
 
 
-
 def get_or_create_safety_actor(asset: str, settings: Settings, redis_url: str,
                                timeout_s: float = 60.0) -> Any:
     """The safety actor of ``asset`` with this configuration (created if needed, detached)."""

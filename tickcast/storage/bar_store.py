@@ -583,18 +583,9 @@ def audit_columns(df: object) -> dict[str, np.ndarray]:
     return out
 
 
-class GapAuditStore:
-    """The gap audit per asset (one Parquet file each), idempotent on the gap segment ``start``.
-
-    Re-auditing a range (after late bars or a refill) replaces the rows with the same ``start``.
-
-    Parameters
-    ----------
-    root
-        Directory, conventionally ``<data_dir>/gaps``.
-    fsync
-        As for :class:`BarStore`.
-    """
+class _SideFileStore:
+    """What the gap-audit and late-tick stores share: a root, an fsync policy, a lock, and
+    pickling that keeps only the first two (the lock is rebuilt)."""
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
         self.root = Path(root)
@@ -606,6 +597,20 @@ class GapAuditStore:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["root"], fsync=state["fsync"])  # type: ignore[misc]
+
+
+class GapAuditStore(_SideFileStore):
+    """The gap audit per asset (one Parquet file each), idempotent on the gap segment ``start``.
+
+    Re-auditing a range (after late bars or a refill) replaces the rows with the same ``start``.
+
+    Parameters
+    ----------
+    root
+        Directory, conventionally ``<data_dir>/gaps``.
+    fsync
+        As for :class:`BarStore`.
+    """
 
     def upsert(self, asset: str, audit_df: pd.DataFrame) -> int:
         """Insert or replace audit rows keyed by ``start``; return rows written (new or changed).
@@ -650,7 +655,7 @@ class GapAuditStore:
 # --------------------------------------------------------------------------------------------
 
 
-class LateTickStore:
+class LateTickStore(_SideFileStore):
     """Ticks that arrived after their bar was closed, kept aside per asset and UTC day.
 
     Appends are idempotent: rows identical in every column (provider, both timestamps, price,
@@ -664,17 +669,6 @@ class LateTickStore:
     fsync
         As for :class:`BarStore`.
     """
-
-    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
-        self.root = Path(root)
-        self.fsync = bool(fsync)
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"root": self.root, "fsync": self.fsync}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["root"], fsync=state["fsync"])  # type: ignore[misc]
 
     def append(self, batch: TickBatch) -> int:
         """Store the ticks of ``batch``; return how many were not stored before.
