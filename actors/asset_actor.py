@@ -165,8 +165,9 @@ class _RedisWrites:
         self.store = OnlineFeatureStore(client)
 
     def __call__(self, payload: bytes) -> None:
-        asset, bar_ts, schema, names, values = pickle.loads(payload)
-        self.store.write(asset, bar_ts, schema, names, values)
+        # A write-ahead log written before the close was published holds 5-tuples.
+        asset, bar_ts, schema, names, values, *rest = pickle.loads(payload)
+        self.store.write(asset, bar_ts, schema, names, values, close=rest[0] if rest else None)
 
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
@@ -380,8 +381,11 @@ class AssetActor:
         if features is None:
             return
         bar_ts, row = features
+        # The bar's close goes with its row: it is the reference price of the predictions
+        # made from it, and every serving replica would otherwise read it from the bar store.
+        close = self.state.features.last_close
         self.redis_writer.write(pickle.dumps(
-            (self.asset, bar_ts, self.schema, list(self._names), np.asarray(row, np.float64))))
+            (self.asset, bar_ts, self.schema, list(self._names), np.asarray(row, np.float64), close)))
 
     def _alternates(self, start_ns: int, end_ns: int) -> dict[str, pd.DataFrame]:
         """Other providers' stored bars for a gap (buffered writes go to the store first)."""

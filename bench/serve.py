@@ -14,8 +14,11 @@ runs two models (served + shadow) and writes two prediction-log entries.
 
 What it measures, after a warm-up: closed-loop load at 1, 8 and 32 connections on
 ``POST /v1/predict`` (one asset, online features); a batch run of ``--batch-assets`` assets
-per ``POST /v1/predict/batch`` request; and (unless ``--no-spike``) an autoscaling spike:
-2 connections, then 20 (10x), then 2 again, sampling the replica count.
+per ``POST /v1/predict/batch`` request (each run preceded by the same load until the
+autoscaler has settled, so it measures the replica count that load settles on, reported as
+``replicas``); and (unless ``--no-spike``) an autoscaling spike:
+2 connections, then 20 (10x), then 2 again, each paced at 150 req/s (300, then 3,000 req/s
+offered), sampling the replica count; it starts once the batch runs' extra replica is gone.
 
 The load client is part of this file (:class:`ClosedLoopClient`): raw asyncio protocols over
 keep-alive connections, uvloop, request bytes prebuilt once, the next request written from
@@ -72,6 +75,8 @@ class RunResult:
     latencies_ms: np.ndarray
     client_cpu: float  # process CPU seconds per wall second during the run
     reconnects: int = 0  # keep-alive connections the server closed between requests
+    settle_s: float = 0.0  # warm-up load until the replica count was stable
+    replicas: int = -1  # running replicas at the end of the run
 
     @property
     def rps(self) -> float:
@@ -92,7 +97,9 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.t0 = 0
         self.pending = False  # a request is out and its response not complete
-        self.closed = asyncio.get_event_loop().create_future()
+        self.loop = asyncio.get_event_loop()
+        self.closed = self.loop.create_future()
+        self.next_at = 0.0  # paced runs: loop time of this connection's next request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -136,6 +143,23 @@ class _Conn(asyncio.Protocol):
             self.client.record(status, time.perf_counter_ns() - self.t0)
             if b"connection: close" in head:
                 return  # the server ends this connection: connection_lost reconnects
+            self._next()
+
+    def _next(self) -> None:
+        interval = self.client.interval_s
+        if not interval:
+            self._send()
+            return
+        # Paced: one request per interval on a fixed schedule; a late one goes at once.
+        now = self.loop.time()
+        self.next_at = max(self.next_at + interval, now)
+        if self.next_at <= now:
+            self._send()
+        else:
+            self.loop.call_at(self.next_at, self._send_if_open)
+
+    def _send_if_open(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
             self._send()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -153,7 +177,7 @@ class _Conn(asyncio.Protocol):
 
 class ClosedLoopClient:
     """Closed-loop HTTP load: ``connections`` connections, each sending its next request as
-    soon as the previous response arrives.
+    soon as the previous response arrives (or, with ``per_connection_rps``, at that pace).
 
     Parameters
     ----------
@@ -175,6 +199,7 @@ class ClosedLoopClient:
         self.reconnects = 0
         self._conns: list[_Conn] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.interval_s = 0.0
 
     def reconnect(self, offset: int) -> None:
         """Open a replacement connection (the server closed one)."""
@@ -235,8 +260,14 @@ class ClosedLoopClient:
                          self.reconnects)
 
     def run(self, connections: int, seconds: float, warmup_s: float = 1.0,
-            on_tick: Callable[[float], None] | None = None) -> RunResult:
-        """Run the load for ``seconds`` after ``warmup_s`` (not recorded); blocking."""
+            on_tick: Callable[[float], None] | None = None,
+            per_connection_rps: float | None = None) -> RunResult:
+        """Run the load for ``seconds`` after ``warmup_s`` (not recorded); blocking.
+
+        ``per_connection_rps`` paces each connection (at most that many requests a second),
+        so that 10x the connections is 10x the offered load while the server keeps up.
+        """
+        self.interval_s = 1.0 / per_connection_rps if per_connection_rps else 0.0
         try:
             import uvloop
 
@@ -266,6 +297,7 @@ class Setup:
     challenger: str
     timings: dict[str, float] = field(default_factory=dict)
     feature_rows: dict[str, Any] = field(default_factory=dict)  # asset -> values (float64)
+    closes: dict[str, float] = field(default_factory=dict)  # asset -> close published with them
 
     def keep_features_live(self, stop: threading.Event) -> threading.Thread:
         """Re-publish every asset's feature row at each new bar, as the asset actors do live
@@ -286,7 +318,7 @@ class Setup:
                 if bar == last:
                     continue
                 for asset, values in self.feature_rows.items():
-                    online.write(asset, bar, sh, names, values)
+                    online.write(asset, bar, sh, names, values, close=self.closes.get(asset))
                 last = bar
 
         th = threading.Thread(target=run, name="bench-feature-feed", daemon=True)
@@ -330,7 +362,8 @@ def prepare(data_dir: Path, batch_assets: int, rounds: int, log: Callable[[str],
     store.upsert("BTC-USD", "consensus", live.iloc[-2000:])
     feats = mk.feature_rows(settings, live.iloc[-2000:])
     online = OnlineFeatureStore(connect(srv.url))
-    mk.publish_features(settings, online, "BTC-USD", feats)
+    closes = {"BTC-USD": float(live["close"].iloc[-1])}
+    mk.publish_features(settings, online, "BTC-USD", feats, close=closes["BTC-USD"])
     rows: dict[str, Any] = {"BTC-USD": feats.iloc[-1].to_numpy(np.float64)}
 
     t = time.monotonic()
@@ -350,15 +383,16 @@ def prepare(data_dir: Path, batch_assets: int, rounds: int, log: Callable[[str],
         bar["ts"] = last_ts
         store.upsert(asset, "consensus", bar)
         pipe_rows.append((asset, hist.iloc[int(row)].to_numpy(np.float64)))
+        closes[asset] = float(bar["close"].iloc[0])
     for asset, values in pipe_rows:
-        online.write(asset, last_ts, sh, names, values)
+        online.write(asset, last_ts, sh, names, values, close=closes[asset])
         rows[asset] = values
     timings["batch_assets_setup_s"] = time.monotonic() - t
     log(f"{batch_assets} pooled-model assets registered with features and bars in "
         f"{timings['batch_assets_setup_s']:.1f} s")
     return Setup(data_dir=data_dir, redis=srv, settings=settings,
                  url=f"http://127.0.0.1:{port}", assets=assets, champion=champion,
-                 challenger=challenger, timings=timings, feature_rows=rows)
+                 challenger=challenger, timings=timings, feature_rows=rows, closes=closes)
 
 
 def _running_replicas() -> int:
@@ -442,23 +476,27 @@ def main(argv: list[str] | None = None) -> int:
                             {"X-Request-Key": f"client-{i}"}) for i in range(64)]
         client = ClosedLoopClient(host, port, single)
         log("warm-up")
-        client.run(8, args.warmup, warmup_s=0.5)
+        client.run(1, args.warmup, warmup_s=0.5)
         runs: dict[str, RunResult] = {}
         for c in (int(x) for x in args.runs.split(",") if x):
+            settled = settle(client, c, log)
             res = client.run(c, args.duration, warmup_s=1.0)
+            res.settle_s, res.replicas = settled, _running_replicas()
             runs[f"c{c}"] = res
             log(f"c{c}: {res.rps:,.0f} req/s p50 {res.pct(50):.2f} ms p99 {res.pct(99):.2f} ms "
                 f"errors {res.errors} statuses {res.statuses} client cpu {res.client_cpu:.2f} "
-                f"replicas {_running_replicas()}")
+                f"replicas {res.replicas}")
         batch_runs: dict[str, RunResult] = {}
         for fmt in ("columns", "records"):
             batch_body = json.dumps({"assets": setup.assets, "format": fmt}).encode()
             bclient = ClosedLoopClient(host, port, [http_post(host, port, "/v1/predict/batch", batch_body)])
-            res = bclient.run(args.batch_connections, args.duration, warmup_s=2.0)
+            settled = settle(bclient, args.batch_connections, log)
+            res = bclient.run(args.batch_connections, args.duration, warmup_s=1.0)
+            res.settle_s, res.replicas = settled, _running_replicas()
             batch_runs[fmt] = res
             log(f"batch x{args.batch_assets} ({fmt}): {res.rps:,.1f} req/s = "
                 f"{res.rps * args.batch_assets:,.0f} predictions/s p50 {res.pct(50):.1f} ms "
-                f"p99 {res.pct(99):.1f} ms errors {res.errors} replicas {_running_replicas()}")
+                f"p99 {res.pct(99):.1f} ms errors {res.errors} replicas {res.replicas}")
         bres = batch_runs["columns"]
         stats = httpx.get(f"{url}/metrics", timeout=30).text
         log_written = _metric(stats, "tickcast_serve_prediction_log_written_total")
@@ -477,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
             "batch_assets": args.batch_assets, "batch_connections": args.batch_connections,
             "errors": int(sum(r.errors for r in runs.values()) + sum(r.errors for r in batch_runs.values())),
             "client_cpu": {k: round(v.client_cpu, 3) for k, v in runs.items()} | {"batch": round(bres.client_cpu, 3)},
+            "replicas": {k: v.replicas for k, v in runs.items()} | {f"batch_{k}": v.replicas for k, v in batch_runs.items()},
+            "settle_s": {k: round(v.settle_s, 1) for k, v in runs.items()} | {f"batch_{k}": round(v.settle_s, 1) for k, v in batch_runs.items()},
             "client_cpu_us_per_request": {k: round(1e6 * v.client_cpu / v.rps, 1) for k, v in runs.items() if v.rps},
             "prediction_log_written": log_written, "prediction_log_dropped": log_dropped,
             "prediction_stream_len": int(redis.xlen(setup.settings.serve.prediction_stream)),
@@ -506,10 +546,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if result.get("errors", 1) == 0 else 1
 
 
+def settle(client: "ClosedLoopClient", connections: int, log: Callable[[str], None],
+           chunk_s: float = 2.0, stable_chunks: int = 5, max_s: float = 60.0) -> float:
+    """Load at ``connections`` until the autoscaler is done: the replica count unchanged for
+    ``stable_chunks`` chunks in a row (longer than its look-back plus upscale delay). A run
+    then measures the deployment the load settles on, not a scaling transition. Returns the
+    seconds it took."""
+    t0 = time.monotonic()
+    last, same = _running_replicas(), 0
+    while same < stable_chunks and time.monotonic() - t0 < max_s:
+        client.run(connections, chunk_s, warmup_s=0.0)
+        now = _running_replicas()
+        same = same + 1 if now == last else 0
+        if now != last:
+            log(f"c{connections} warm-up: replicas {last} -> {now}")
+        last = now
+    return time.monotonic() - t0
+
+
 def spike(host: str, port: int, requests: list[bytes], log: Callable[[str], None],
           base: int = 2, burst_factor: int = 10, base_s: float = 8.0, burst_s: float = 20.0,
-          after_s: float = 30.0) -> dict[str, Any]:
-    """A 10x burst: replicas sampled every 0.5 s before, during and after it."""
+          after_s: float = 30.0, per_connection_rps: float = 150.0) -> dict[str, Any]:
+    """A 10x burst: ``base`` connections paced at ``per_connection_rps``, then ten times as
+    many, then ``base`` again; replicas sampled every 0.5 s throughout."""
+    deadline = time.monotonic() + 90
+    while _running_replicas() > 1 and time.monotonic() < deadline:  # start from one replica
+        time.sleep(1.0)
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
     t0 = time.monotonic()
@@ -522,17 +584,19 @@ def spike(host: str, port: int, requests: list[bytes], log: Callable[[str], None
     th = threading.Thread(target=sampler, daemon=True)
     th.start()
     client = ClosedLoopClient(host, port, requests)
-    before = client.run(base, base_s, warmup_s=0.5)
+    pace = per_connection_rps
+    before = client.run(base, base_s, warmup_s=0.5, per_connection_rps=pace)
     t_burst = time.monotonic() - t0
-    burst = client.run(base * burst_factor, burst_s, warmup_s=0.0)
+    burst = client.run(base * burst_factor, burst_s, warmup_s=0.0, per_connection_rps=pace)
     t_after = time.monotonic() - t0
-    after = client.run(base, after_s, warmup_s=0.0)
+    after = client.run(base, after_s, warmup_s=0.0, per_connection_rps=pace)
     stop.set()
     th.join()
     during = [n for t, n in samples if t_burst <= t <= t_after]
     tail = [n for t, n in samples if t >= t_after + after_s - 5]
     out = {
         "spike_base_connections": base, "spike_burst_connections": base * burst_factor,
+        "spike_per_connection_rps": pace, "spike_base_rps": round(before.rps, 1),
         "spike_replicas_before": max((n for t, n in samples if t < t_burst), default=-1),
         "spike_replicas_max": max(during, default=-1),
         "spike_replicas_end": min(tail, default=-1),

@@ -148,9 +148,10 @@ def feature_rows(settings: Settings, bars: pd.DataFrame) -> pd.DataFrame:
 
 
 def publish_features(settings: Settings, store: OnlineFeatureStore, asset: str,
-                     features: pd.DataFrame, row: int = -1) -> int:
-    """Write feature row ``row`` of ``features`` as ``asset``'s online features; returns bar_ts."""
+                     features: pd.DataFrame, row: int = -1, close: float | None = None) -> int:
+    """Write feature row ``row`` of ``features`` as ``asset``'s online features (with the
+    bar's ``close`` when given, as the asset actors publish it); returns bar_ts."""
     bar_ts = int(features.index[row])
     store.write(asset, bar_ts, schema_hash(settings.features), list(feature_names(settings.features)),
-                features.iloc[row].to_numpy(np.float64))
+                features.iloc[row].to_numpy(np.float64), close=close)
     return bar_ts

@@ -230,6 +230,11 @@ class AutoscalingConfig(Section):
     downscale_delay_s: float = Field(10.0, ge=0)
     look_back_period_s: float = Field(5.0, gt=0)  # window the ongoing-request average is taken over
     metrics_interval_s: float = Field(1.0, gt=0)  # how often replicas report ongoing requests
+    # Replicas also scale on CPU (serve_app/autoscaling.py): inline scoring hides the queue
+    # from the ongoing-request count. Share of a core a replica's event loop should be busy
+    # on average (0 turns the CPU signal off); scale down only to below downscale_fill of it.
+    target_cpu: float = Field(0.6, ge=0)
+    downscale_fill: float = Field(0.75, gt=0, le=1)
 
 
 class ServeConfig(Section):
@@ -251,9 +256,11 @@ class ServeConfig(Section):
     replica_num_cpus: float = Field(0.0, ge=0)  # 0: replicas never wait for a CPU reservation
     drain_period_s: float = Field(5.0, gt=0)  # a stopping replica stays reachable while HAProxy drops it
     max_ongoing_requests: int = Field(32, ge=1)  # per replica; beyond it HAProxy queues
-    handler_threads: int = Field(4, ge=0)  # persistent scoring threads per replica; 0: on the event loop
+    handler_threads: int = Field(4, ge=0)  # batch scoring threads per replica; 0: on the event loop
+    predict_inline: bool = True  # single predictions on the event loop (cheaper than a thread hop)
     access_log: bool = False  # Ray Serve's per-request access log line (costs ~3% at 2k req/s)
     gil_switch_interval_s: float = Field(0.001, gt=0)  # replica's sys.setswitchinterval (default 0.005)
+    user_code_thread: bool = False  # Serve's second event loop for app code (Ray's default: on)
     onnx_threads: int = Field(1, ge=1)  # onnxruntime intra-op threads per session
     native_threads: int = Field(1, ge=1)  # XGBoost threads for large batches (model.native_min_rows)
     # Routing state (blue/green versions, weights, shadow) shared by replicas through Redis.

@@ -81,6 +81,9 @@ def test_actor_messages(baseline: Any, make_settings: Callable[..., Any],
     assert client.xlen(stream_key(settings, "BTC-USD")) <= 1
     features = client.hgetall("features:BTC-USD")
     assert features and int(features[b"bar_ts"]) >= int(recent["ts"].iloc[-1])
+    # The bar's close is published with its row (servers quote predictions against it).
+    bar = recent.loc[recent["ts"] == int(features[b"bar_ts"])]
+    assert len(bar) == 1 and float(features[b"close"]) == float(bar["close"].iloc[0])
     # Same settings: the live actor is reused, not replaced.
     same = get_or_create_asset_actor("BTC-USD", settings, redis_url)
     assert ray.get(same.pid.remote()) == st["pid"]

@@ -59,6 +59,20 @@ def test_online_equals_offline_with_gaps_and_imputed() -> None:
     assert of.schema_hash == schema_hash(SMALL) and of.names[0] == "ret_1"
 
 
+def test_last_close_follows_the_newest_bar_and_its_amendments() -> None:
+    bars = random_bars(50, seed=4)
+    of = OnlineFeatures(SMALL)
+    assert of.last_close is None  # nothing seen yet
+    of.update_frame(bars)
+    assert of.last_close == bars["close"].iloc[-1]
+    newest = dict(bars.iloc[-1].to_dict(), close=bars["close"].iloc[-1] * 1.01)
+    of.update(newest)  # the newest bar amended
+    assert of.last_close == newest["close"]
+    older = dict(bars.iloc[-3].to_dict(), close=bars["close"].iloc[-3] * 0.99)
+    of.update(older)  # an earlier bar amended: the newest bar's close stays
+    assert of.last_close == newest["close"]
+
+
 def test_amendment_and_late_insert_replay_from_snapshot() -> None:
     truth = random_bars(120, seed=3)
     of = OnlineFeatures(SMALL)

@@ -232,6 +232,31 @@ def test_feature_cache_reads_safety_and_discovers_assets(world: ServingWorld) ->
     assert broken.refresh().error and broken.snapshot.features == {}
 
 
+def test_feature_cache_prices_from_the_published_close(world: ServingWorld) -> None:
+    from tickcast.features.definitions import feature_names, schema_hash
+    from tickcast.storage.online_store import OnlineFeatureStore
+
+    looked_up: list[tuple[str, int]] = []
+
+    def bar_close(asset: str, bar_ts: int) -> float | None:
+        looked_up.append((asset, bar_ts))
+        return 1.0
+
+    names = list(feature_names(world.settings.features))
+    online = OnlineFeatureStore(connect(world.redis_url))
+    bar_ts = (time.time_ns() // 60_000_000_000 - 1) * 60_000_000_000
+    online.write("CLOSE-USD", bar_ts, schema_hash(world.settings.features), names,
+                 np.zeros(len(names)), close=123.25)
+    online.write("NOCLOSE-USD", bar_ts, schema_hash(world.settings.features), names, np.zeros(len(names)))
+    cache = FeatureCache(lambda: connect(world.redis_url), refresh_s=0.05, bar_close=bar_close)
+    cache.track(["CLOSE-USD", "NOCLOSE-USD"])
+    snap = cache.refresh()
+    assert snap.features["CLOSE-USD"].price == 123.25
+    assert snap.features["NOCLOSE-USD"].price == 1.0  # from the bar store
+    read = {a for a, _ in looked_up}
+    assert "NOCLOSE-USD" in read and "CLOSE-USD" not in read  # a published close needs no bar read
+
+
 def test_safety_parsing_is_defensive() -> None:
     assert parse_safety({}).regime == "NORMAL"
     halted = parse_safety({b"regime": b"CRISIS", b"multiplier": b"0.2", b"halted": b"1"})

@@ -85,6 +85,22 @@ def test_read_many_in_one_round_trip(store: OnlineFeatureStore, asset: str) -> N
     assert after - before == 4  # 3 HGETALL + the INFO itself
 
 
+def test_close_is_stored_logged_and_never_outlives_its_bar(store: OnlineFeatureStore, asset: str) -> None:
+    minute = 60_000_000_000
+    store.write(asset, T0, "s", NAMES, [1.0, 2.0, 3.0], close=23_456.789012345678)
+    row = store.read(asset)
+    assert float(row.extra["close"]) == 23_456.789012345678  # the same double back
+    assert store.log(asset, count=1)[0].extra["close"] == row.extra["close"]
+    # The next bar's row without a close: the old bar's close must not describe it.
+    store.write(asset, T0 + minute, "s", NAMES, [1.0, 2.0, 3.0])
+    assert "close" not in store.read(asset).extra
+    assert b"close" not in store.client.hgetall(HASH_PREFIX + asset)
+    # A refused (older) write leaves the newer row's fields alone.
+    store.write(asset, T0 + 2 * minute, "s", NAMES, [1.0, 2.0, 3.0], close=10.0)
+    assert store.write(asset, T0, "s", NAMES, [1.0, 2.0, 3.0], close=99.0) is False
+    assert float(store.read(asset).extra["close"]) == 10.0
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
@@ -95,6 +111,9 @@ def test_read_many_in_one_round_trip(store: OnlineFeatureStore, asset: str) -> N
         ({"values": [1.0, 2.0]}, "values"),
         ({"values": ["x", "y", "z"]}, "values"),
         ({"schema_hash": ""}, "schema_hash"),
+        ({"close": 0.0}, "close"),
+        ({"close": float("nan")}, "close"),
+        ({"close": "abc"}, "close"),
     ],
 )
 def test_bad_rows_rejected_naming_field(store: OnlineFeatureStore, asset: str, kwargs: dict, field: str) -> None:

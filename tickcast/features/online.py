@@ -329,6 +329,14 @@ class OnlineFeatures:
         """Feature row of the newest bar (a copy)."""
         return self._last_row.copy()
 
+    @property
+    def last_close(self) -> float | None:
+        """Close of the newest bar (None before the first, or when it has no usable close)."""
+        if not self._history:
+            return None
+        close = self._history[-1][0].close
+        return close if math.isfinite(close) and close > 0 else None
+
     # ----------------------------------------------------------------------------- updates
     def update(self, bar: Mapping[str, Any]) -> np.ndarray:
         """Add a closed bar (or re-send an amended recent one).

@@ -7,6 +7,8 @@ Per asset, a hash ``features:<ASSET>`` with fields
 - ``names``: JSON list of feature names,
 - ``values``: float64 little-endian bytes, one per name,
 - ``updated``: UNIX ns when the row was written,
+- ``close`` (when the publisher knows it): the close of bar ``bar_ts``, the reference price
+  of a prediction made from the row (without it, servers look the bar up in the bar store),
 
 and a capped stream ``features_log:<ASSET>`` with the same fields per write (for audit and for
 replaying what the server saw). A write is one server-side script, so the hash and the log
@@ -22,6 +24,7 @@ connects lazily.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -35,7 +38,8 @@ HASH_PREFIX = "features:"
 LOG_PREFIX = "features_log:"
 _FIELDS = (b"bar_ts", b"schema", b"names", b"values", b"updated")
 
-# KEYS: hash, stream. ARGV: bar_ts, schema, names, values, updated, log maxlen.
+# KEYS: hash, stream. ARGV: bar_ts, schema, names, values, updated, log maxlen, close ('' when
+# unknown: a close left from an earlier bar must not describe this one).
 # Timestamps are compared as decimal strings (length, then lexicographic) because Lua numbers
 # are doubles and would blur nanoseconds.
 _WRITE_LUA = """
@@ -48,8 +52,15 @@ if cur then
 end
 redis.call('HSET', KEYS[1], 'bar_ts', ARGV[1], 'schema', ARGV[2], 'names', ARGV[3],
            'values', ARGV[4], 'updated', ARGV[5])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'bar_ts', ARGV[1], 'schema', ARGV[2],
-           'names', ARGV[3], 'values', ARGV[4], 'updated', ARGV[5])
+if ARGV[7] == '' then
+  redis.call('HDEL', KEYS[1], 'close')
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'bar_ts', ARGV[1], 'schema', ARGV[2],
+             'names', ARGV[3], 'values', ARGV[4], 'updated', ARGV[5])
+else
+  redis.call('HSET', KEYS[1], 'close', ARGV[7])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'bar_ts', ARGV[1], 'schema', ARGV[2],
+             'names', ARGV[3], 'values', ARGV[4], 'updated', ARGV[5], 'close', ARGV[7])
+end
 return 1
 """
 
@@ -140,8 +151,12 @@ class OnlineFeatureStore:
         names: Sequence[str],
         values: np.ndarray | Sequence[float],
         updated_ns: int | None = None,
+        close: float | None = None,
     ) -> bool:
         """Publish the feature row of ``asset`` computed at the close of bar ``bar_ts``.
+
+        ``close``, the bar's close price, is stored with the row when given (the reference
+        price servers quote predictions against).
 
         Returns
         -------
@@ -153,7 +168,7 @@ class OnlineFeatureStore:
         InvalidInput
             Bad asset, non-integer or negative ``bar_ts``, names that are not unique strings,
             or values that are not a 1-D numeric array of the same length (NaN is allowed:
-            features warming up).
+            features warming up), or a ``close`` that is not a finite positive number.
         redis.RedisError
             The server is unreachable (callers guard this with a circuit breaker).
         """
@@ -171,10 +186,20 @@ class OnlineFeatureStore:
             raise InvalidInput("values must be numeric", field="values") from None
         if arr.ndim != 1 or len(arr) != len(names):
             raise InvalidInput(f"values must be 1-D with {len(names)} entries, got shape {arr.shape}", field="values")
+        close_arg = ""
+        if close is not None:
+            try:
+                price = float(close)
+            except (TypeError, ValueError):
+                raise InvalidInput(f"close must be a number, got {close!r}", field="close") from None
+            if not math.isfinite(price) or price <= 0:
+                raise InvalidInput(f"close must be finite and positive, got {price!r}", field="close")
+            close_arg = repr(price)  # shortest text that reads back as the same double
         updated = time.time_ns() if updated_ns is None else int(updated_ns)
         applied = self._script(
             keys=[HASH_PREFIX + asset, LOG_PREFIX + asset],
-            args=[str(int(bar_ts)), schema_hash, json.dumps(names), arr.tobytes(), str(updated), str(self.log_maxlen)],
+            args=[str(int(bar_ts)), schema_hash, json.dumps(names), arr.tobytes(), str(updated),
+                  str(self.log_maxlen), close_arg],
         )
         return bool(int(applied))
 
