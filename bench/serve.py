@@ -17,8 +17,8 @@ What it measures, after a warm-up: closed-loop load at 1, 8 and 32 connections o
 per ``POST /v1/predict/batch`` request (each run preceded by the same load until the
 autoscaler has settled, so it measures the replica count that load settles on, reported as
 ``replicas``); and (unless ``--no-spike``) an autoscaling spike:
-2 connections, then 20 (10x), then 2 again, each paced at 150 req/s (300, then 3,000 req/s
-offered), sampling the replica count; it starts once the batch runs' extra replica is gone.
+2 connections, then 20 (10x), then 2 again, each paced at 200 req/s (400, then 4,000 req/s
+offered: more than one replica serves here), sampling the replica count; it starts once the batch runs' extra replica is gone.
 
 The load client is part of this file (:class:`ClosedLoopClient`): raw asyncio protocols over
 keep-alive connections, uvloop, request bytes prebuilt once, the next request written from
@@ -566,7 +566,7 @@ def settle(client: "ClosedLoopClient", connections: int, log: Callable[[str], No
 
 def spike(host: str, port: int, requests: list[bytes], log: Callable[[str], None],
           base: int = 2, burst_factor: int = 10, base_s: float = 8.0, burst_s: float = 20.0,
-          after_s: float = 30.0, per_connection_rps: float = 150.0) -> dict[str, Any]:
+          after_s: float = 30.0, per_connection_rps: float = 200.0) -> dict[str, Any]:
     """A 10x burst: ``base`` connections paced at ``per_connection_rps``, then ten times as
     many, then ``base`` again; replicas sampled every 0.5 s throughout."""
     deadline = time.monotonic() + 90

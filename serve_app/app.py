@@ -55,7 +55,7 @@ from ray import serve
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app import schemas
-from serve_app.autoscaling import CPU_METRIC, CpuMeter, policy_config
+from serve_app.autoscaling import BUSY_METRIC, BusyMeter, policy_config
 from serve_app.control import RoutingStore, TrafficControl
 from serve_app.feature_cache import FeatureCache
 from serve_app.metrics import ServeMetrics, merge_snapshots, render_prometheus
@@ -509,7 +509,7 @@ class PredictorReplica:
         self._view_key: tuple[int, int] = (-1, -1)
         self._latencies: deque[tuple[str, int, float]] = deque(maxlen=50_000)
         self._stop = threading.Event()
-        self._cpu = CpuMeter()
+        self._busy = BusyMeter()
         # Persistent scoring threads: onnxruntime and XGBoost release the GIL while they run,
         # so the event loop keeps parsing the next requests meanwhile.
         self._pool = (ThreadPoolExecutor(cfg.handler_threads, thread_name_prefix="score")
@@ -640,11 +640,11 @@ class PredictorReplica:
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's custom autoscaling metrics hook: how busy this replica's event loop was
-        (cores) since the previous report (read by :class:`serve_app.autoscaling.LoadPolicy`).
+        (share of wall time) since the previous report (read by :class:`serve_app.autoscaling.LoadPolicy`).
 
         ``async`` so that Serve runs it on the event loop it measures (a ``def`` method would
         run on Serve's thread pool)."""
-        return {CPU_METRIC: self._cpu.sample()}
+        return {BUSY_METRIC: self._busy.sample()}
 
     def __del__(self) -> None:
         self._stop.set()
@@ -1022,7 +1022,7 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
             "downscale_delay_s": a.downscale_delay_s,
             "look_back_period_s": a.look_back_period_s,
             "metrics_interval_s": a.metrics_interval_s,
-            **({"policy": policy_config(a.target_cpu, a.downscale_fill)} if a.target_cpu > 0 else {}),
+            **({"policy": policy_config(a.target_busy, a.downscale_fill)} if a.target_busy > 0 else {}),
         },
         "ray_actor_options": {"num_cpus": settings.serve.replica_num_cpus,
                               "runtime_env": {"env_vars": replica_env(settings)}},

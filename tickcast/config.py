@@ -230,10 +230,10 @@ class AutoscalingConfig(Section):
     downscale_delay_s: float = Field(10.0, ge=0)
     look_back_period_s: float = Field(5.0, gt=0)  # window the ongoing-request average is taken over
     metrics_interval_s: float = Field(1.0, gt=0)  # how often replicas report ongoing requests
-    # Replicas also scale on CPU (serve_app/autoscaling.py): inline scoring hides the queue
-    # from the ongoing-request count. Share of a core a replica's event loop should be busy
-    # on average (0 turns the CPU signal off); scale down only to below downscale_fill of it.
-    target_cpu: float = Field(0.6, ge=0)
+    # Replicas also scale on event-loop load (serve_app/autoscaling.py): inline scoring hides
+    # the queue from the ongoing-request count. Share of wall time a replica's loop should be
+    # busy on average (0 turns this signal off); scale down only to below downscale_fill of it.
+    target_busy: float = Field(0.8, ge=0, le=1)
     downscale_fill: float = Field(0.75, gt=0, le=1)
 
 

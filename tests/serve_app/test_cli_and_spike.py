@@ -112,14 +112,14 @@ def test_spike_adds_replicas_and_removes_them_after(spike_app: ServingWorld) -> 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        # Each connection paced at 150 req/s: 300 req/s, then 10x (3,000 req/s, more than one
-        # replica's CPU target), then 300 again.
-        base = client.run(2, 3.0, warmup_s=0.5, per_connection_rps=150)
+        # Each connection paced at 200 req/s: 400 req/s, then 10x (4,000 req/s, more than one
+        # replica on this machine serves), then 400 again.
+        base = client.run(2, 3.0, warmup_s=0.5, per_connection_rps=200)
         phase[0] = "burst"
-        burst = client.run(20, 12.0, warmup_s=0.0, per_connection_rps=150)
+        burst = client.run(20, 12.0, warmup_s=0.0, per_connection_rps=200)
         phase[0] = "after"
         deadline = time.monotonic() + 30
-        after = client.run(2, 4.0, warmup_s=0.0, per_connection_rps=150)
+        after = client.run(2, 4.0, warmup_s=0.0, per_connection_rps=200)
         while time.monotonic() < deadline and _running_replicas() != 1:
             time.sleep(0.5)
         phase[0] = "end"
