@@ -59,7 +59,9 @@ class EmbeddedRedis:
 
     @classmethod
     def start(cls, data_dir: str | os.PathLike[str], port: int = 0, appendfsync: str = "everysec") -> "EmbeddedRedis":
-        directory = Path(data_dir) / "redis"
+        # Absolute: redis-server changes into --dir before it opens --logfile, so a relative
+        # data dir would name a log file that does not exist and the server would exit.
+        directory = Path(data_dir).resolve() / "redis"
         directory.mkdir(parents=True, exist_ok=True)
         srv = cls(directory=directory, port=port or _free_port(), appendfsync=appendfsync)
         srv.restart()

@@ -125,3 +125,15 @@ def test_redis_outage_loses_nothing_and_doubles_nothing(embedded_redis: Embedded
     copy = pickle.loads(pickle.dumps(gw))
     assert copy.write(payload(72)) is True
     redis.Redis.from_url(redis_url).delete(stream)
+
+
+def test_embedded_redis_starts_in_a_relative_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # redis-server changes into its --dir before opening its --logfile: both must be absolute.
+    monkeypatch.chdir(tmp_path)
+    srv = EmbeddedRedis.start("rel/data")
+    try:
+        assert srv.directory.is_absolute() and srv.directory == tmp_path / "rel" / "data" / "redis"
+        assert redis.Redis.from_url(srv.url).ping()
+        assert (tmp_path / "rel" / "data" / "redis" / "redis.log").exists()
+    finally:
+        srv.stop()
