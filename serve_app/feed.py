@@ -88,8 +88,12 @@ class LiveSimulatorFeed:
         start = max(start, last_ts + freq)  # never write ticks into stored (finalized) history
         start = min(start, now)
         start -= start % freq
+        # Tick numbers start at the wall clock in microseconds: a restarted feed (`tickcast down`
+        # then `serve` on the same data dir) never reuses one, which the actors' duplicate
+        # filter would otherwise drop for hours. A provider sends far fewer than 10^6 ticks/s.
         return MarketSimulator(settings.simulator, self.assets, settings.serve.feed_seed,
-                               consensus=settings.consensus, bars=settings.bars, start_ns=start)
+                               consensus=settings.consensus, bars=settings.bars, start_ns=start,
+                               first_seq=now // 1000)
 
     def _run(self) -> None:
         from actors.feeder import StreamFeeder

@@ -273,3 +273,38 @@ def test_from_settings_uses_consensus_and_bar_thresholds() -> None:
     sim = MarketSimulator.from_settings(s, seed=1)
     assert sim.assets == s.assets
     assert sim.consensus == ConsensusConfig(frozen_after_s=30) and sim.bar_cfg.allowed_lateness_s == 60
+
+
+def test_first_seq_moves_the_numbering_and_nothing_else() -> None:
+    a = run_all(MarketSimulator(SimulatorConfig(), ASSETS, seed=5), 3)
+    b = run_all(MarketSimulator(SimulatorConfig(), ASSETS, seed=5, first_seq=10**15), 3)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.price, y.price)
+        np.testing.assert_array_equal(y.seq - x.seq, np.full(len(x), 10**15))
+    with pytest.raises(ValueError, match="first_seq"):
+        MarketSimulator(SimulatorConfig(), ASSETS, seed=5, first_seq=-1)
+
+
+def test_restarted_live_feed_never_reuses_tick_numbers(tmp_path) -> None:
+    # `tickcast down` then `tickcast serve` on the same data dir: the actors remember the
+    # last ticks' (provider, seq) and would drop reused numbers as duplicates.
+    import time
+
+    from serve_app.feed import LiveSimulatorFeed
+    from tickcast.market.dedup import TickDeduplicator
+
+    settings = load_settings(overrides=[f"data_dir={tmp_path}", "serve.feed_backfill_minutes=3"])
+    first = per_asset(run_all(LiveSimulatorFeed(settings, "redis://unused", ASSETS)._build(), 3,
+                              flush=True), "BTC-USD")
+    time.sleep(0.002)
+    second = per_asset(run_all(LiveSimulatorFeed(settings, "redis://unused", ASSETS)._build(), 1,
+                               flush=True), "BTC-USD")
+    assert second.seq.min() > first.seq.max()
+    everything = np.arange(len(second))
+    alone, after = second.take(everything), second.take(everything)
+    TickDeduplicator(window=1_000_000).update(alone)  # its own injected re-sends only
+    dedup = TickDeduplicator(window=1_000_000)
+    dedup.update(first)
+    dedup.update(after)
+    dup = int(TickStatus.DUPLICATE)
+    assert np.sum(after.status == dup) == np.sum(alone.status == dup) < len(second) // 10

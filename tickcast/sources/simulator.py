@@ -128,6 +128,10 @@ class MarketSimulator:
         (``frozen_after_s``, ``allowed_lateness_s``); defaults when omitted.
     start_ns
         Event time of the first tick (UNIX ns).
+    first_seq
+        Sequence number of every provider's first tick. A feed restarted onto streams that
+        already carry its earlier ticks must number above them: consumers drop a repeated
+        ``(provider, seq)`` as a duplicate.
 
     Raises
     ------
@@ -155,8 +159,11 @@ class MarketSimulator:
         consensus: ConsensusConfig | None = None,
         bars: BarConfig | None = None,
         start_ns: int = DEFAULT_START_NS,
+        first_seq: int = 0,
     ) -> None:
         assets = tuple(assets)
+        if first_seq < 0:
+            raise ValueError(f"first_seq must be >= 0, got {first_seq}")
         if not assets:
             raise ValueError("assets must not be empty")
         if len(set(assets)) != len(assets):
@@ -200,7 +207,7 @@ class MarketSimulator:
                 latency_ns=cfg.latency_ms_mean * 1e6 * rng.uniform(1 - d, 1 + d, n_p),
                 size_median=cfg.size_notional_median / price0,
                 t_last=self._clock, log_mid=math.log(price0),
-                seq_next=np.zeros(n_p, dtype=np.int64),
+                seq_next=np.full(n_p, first_seq, dtype=np.int64),
                 init_carry=np.full(n_p, np.iinfo(np.int64).min, dtype=np.int64),
                 last_quote=np.full((n_p, 3), np.nan), last_ts=np.full(n_p, -1, dtype=np.int64),
                 last_clean=np.zeros(n_p, dtype=bool),
