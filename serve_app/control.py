@@ -219,16 +219,7 @@ class TrafficControl:
             plan = {asset: target}
         for a, target in plan.items():
             self.registry.promote(a, target)
-
-        def change(t: RoutingTable) -> RoutingTable:
-            updates = {}
-            for a, target in plan.items():
-                cur = t.get(a) or AssetRoute()
-                updates[a] = replace(cur.promote(target), registry_champion=target)
-            return t.with_routes(updates)
-
-        after = self.store.update(change)
-        return after, self._changes(before, after, plan)
+        return self._route_to_champions(before, plan)
 
     def rollback(self, asset: str | None = None) -> tuple[RoutingTable, list[Change]]:
         """Make the registry's ``previous`` version champion again and route all traffic to it.
@@ -259,7 +250,11 @@ class TrafficControl:
                     raise Conflict(exc.message, field="asset") from None
         if not plan:
             raise Conflict("nothing to roll back to: no asset has a previous champion", field="asset")
+        return self._route_to_champions(before, plan)
 
+    def _route_to_champions(self, before: RoutingTable, plan: dict[str, str]
+                            ) -> tuple[RoutingTable, list[Change]]:
+        """All traffic of each planned asset to its new champion (one compare-and-set)."""
         def change(t: RoutingTable) -> RoutingTable:
             updates = {}
             for a, target in plan.items():
