@@ -633,9 +633,11 @@ class PredictorReplica:
 
     def check_health(self) -> None:
         """Ray Serve's replica health check: background threads must be alive."""
-        for name, thread in (("slot-sync", self.slots._thread), ("feature-cache", self.features._thread),
-                             ("prediction-log", self.logger._thread), ("metrics", self._publisher)):
-            if thread is None or not thread.is_alive():
+        logger = self.logger._thread
+        for name, running in (("slot-sync", self.slots.running), ("feature-cache", self.features.running),
+                              ("prediction-log", logger is not None and logger.is_alive()),
+                              ("metrics", self._publisher.is_alive())):
+            if not running:
                 raise RuntimeError(f"background thread {name} is not running")
 
     async def record_autoscaling_stats(self) -> dict[str, float]:

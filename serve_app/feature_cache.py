@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import redis
 
+from serve_app.periodic import PeriodicThread
 from tickcast.storage.online_store import HASH_PREFIX, FeatureRow, OnlineFeatureStore
 
 log = logging.getLogger(__name__)
@@ -181,8 +182,7 @@ class FeatureCache:
         self._poll: Any = None
         self._tracked: dict[str, None] = dict.fromkeys(assets)
         self._snapshot = FeatureSnapshot()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = PeriodicThread("feature-cache", refresh_s, self.refresh)
         self._next_discovery = 0.0
         self._lock = threading.Lock()
 
@@ -282,18 +282,16 @@ class FeatureCache:
         self._snapshot = snap
         return snap
 
+    @property
+    def running(self) -> bool:
+        """The background refresh thread is alive."""
+        return self._worker.running
+
     def start(self) -> None:
         """Refresh once, then keep refreshing in a background thread."""
         self.refresh()
-        self._thread = threading.Thread(target=self._run, name="feature-cache", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def stop(self) -> None:
         """Stop the background thread."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.refresh_s):
-            self.refresh()
+        self._worker.stop()

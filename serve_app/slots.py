@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from serve_app.control import RoutingStore, TrafficControl
+from serve_app.periodic import PeriodicThread
 from serve_app.routing import AssetRoute, RoutingTable
 from tickcast.errors import RegistryError, TickcastError
 from training.conformal import ConformalCalibrator
@@ -302,8 +303,7 @@ class SlotManager:
         self.refresh_s = refresh_s
         self.registry_poll_s = registry_poll_s
         self._state: ServingState = EMPTY_STATE
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = PeriodicThread("slot-sync", refresh_s, self._step)
         self._lock = threading.Lock()  # one sync at a time (thread and admin calls)
         self.last_error = ""
         self._next_reconcile = 0.0
@@ -341,25 +341,27 @@ class SlotManager:
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("initial routing sync failed: %s", self.last_error)
         self._next_reconcile = time.monotonic() + self.registry_poll_s
-        self._thread = threading.Thread(target=self._run, name="slot-sync", daemon=True)
-        self._thread.start()
+        self._worker.start()
+
+    @property
+    def running(self) -> bool:
+        """The background sync thread is alive."""
+        return self._worker.running
 
     def stop(self) -> None:
         """Stop the background thread."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._worker.stop()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.refresh_s):
-            try:
-                retry_failed = False
-                if time.monotonic() >= self._next_reconcile:
-                    self._next_reconcile = time.monotonic() + self.registry_poll_s
-                    self.reconcile(force=self._state.rev < 0)
-                    retry_failed = bool(self._state.errors)  # e.g. a model file fixed since
-                self.sync(force=self._state.rev < 0 or retry_failed)
-                self.last_error = ""
-            except Exception as exc:  # noqa: BLE001 - keep serving the current state; retry
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("routing sync failed: %s", self.last_error)
+    def _step(self) -> None:
+        """One background pass: follow the registry now and then, sync every time."""
+        try:
+            retry_failed = False
+            if time.monotonic() >= self._next_reconcile:
+                self._next_reconcile = time.monotonic() + self.registry_poll_s
+                self.reconcile(force=self._state.rev < 0)
+                retry_failed = bool(self._state.errors)  # e.g. a model file fixed since
+            self.sync(force=self._state.rev < 0 or retry_failed)
+            self.last_error = ""
+        except Exception as exc:  # noqa: BLE001 - keep serving the current state; retry
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("routing sync failed: %s", self.last_error)

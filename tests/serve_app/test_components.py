@@ -336,3 +336,21 @@ def test_redis_url_with_password(tmp_path: Path) -> None:
         assert redact(url) == srv.url.replace("redis://", "redis://:***@")
     finally:
         srv.stop()
+
+
+def test_periodic_thread_runs_until_stopped() -> None:
+    from serve_app.periodic import PeriodicThread
+
+    calls: list[float] = []
+    worker = PeriodicThread("test-periodic", 0.01, lambda: calls.append(time.monotonic()))
+    assert not worker.running
+    worker.start()
+    deadline = time.monotonic() + 5
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.running and len(calls) >= 3
+    worker.stop()
+    assert not worker.running
+    seen = len(calls)
+    time.sleep(0.05)
+    assert len(calls) == seen  # no call after stop
