@@ -173,11 +173,21 @@ def _endpoint_of(request: Request) -> str:
     return {"/v1/predict": "predict", "/v1/predict/batch": "batch"}.get(path, "other")
 
 
+# An over-limit body is read and discarded up to this much more before the 413 goes out,
+# so the connection ends on a message boundary and stays open for the next request (the
+# same bound Go's net/http uses). A server that answers and closes with the body still
+# unread resets the connection: the ingress then drops the client connection under a
+# client that is about to reuse it. Bigger bodies get the 413 at once and a close.
+DRAIN_BYTES = 256 * 1024
+
+
 class BodyLimitMiddleware:
     """Refuses request bodies above ``serve.max_body_bytes`` with 413 before parsing them.
 
-    A declared ``Content-Length`` above the limit is refused at once; a chunked body is read
-    here as it arrives and refused as soon as it crosses the limit.
+    A declared ``Content-Length`` above the limit is refused without parsing; a chunked body
+    is read here as it arrives and refused as soon as it crosses the limit. Either way up to
+    ``DRAIN_BYTES`` of the excess is drained first, so a moderately oversized request leaves
+    a reusable connection behind.
     """
 
     def __init__(self, app: ASGIApp, limit: Callable[[], int]) -> None:
@@ -197,12 +207,13 @@ class BodyLimitMiddleware:
         if declared is not None:
             if not declared.isdigit():
                 await _send_error(send, InvalidInput("Content-Length is not a number",
-                                                     field="Content-Length"))
+                                                     field="Content-Length"), close=True)
                 return
             if int(declared) > limit:
+                ended = int(declared) <= limit + DRAIN_BYTES and await _drain(receive, DRAIN_BYTES)
                 await _send_error(send, BodyTooLarge(
                     f"request body of {int(declared)} bytes exceeds serve.max_body_bytes = {limit}",
-                    field="body"))
+                    field="body"), close=not ended)
                 return
             # The HTTP server holds the body to its declared length: nothing more to count.
             await self.app(scope, receive, send)
@@ -218,8 +229,10 @@ class BodyLimitMiddleware:
                 break
             size += len(message.get("body", b""))
             if size > limit:
+                ended = not message.get("more_body", False) or await _drain(receive, DRAIN_BYTES)
                 await _send_error(send, BodyTooLarge(
-                    f"request body exceeds serve.max_body_bytes = {limit}", field="body"))
+                    f"request body exceeds serve.max_body_bytes = {limit}", field="body"),
+                    close=not ended)
                 return
             if not message.get("more_body", False):
                 break
@@ -232,12 +245,26 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
-async def _send_error(send: Send, exc: TickcastError) -> None:
+async def _drain(receive: Receive, budget: int) -> bool:
+    """Reads and discards the rest of a request body, at most ``budget`` bytes; True when the
+    body ended within it (False: too big, or the client went away)."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False
+        budget -= len(message.get("body", b""))
+        if budget < 0:
+            return False
+        if not message.get("more_body", False):
+            return True
+
+
+async def _send_error(send: Send, exc: TickcastError, close: bool) -> None:
     body = json.dumps(exc.to_dict()).encode()
-    await send({"type": "http.response.start", "status": exc.status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -204,6 +204,10 @@ def test_body_size_limit(http: httpx.Client) -> None:
 
     r = http.post("/v1/predict", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413
+    # Both bodies were drained before the refusal, so the connection carries on cleanly (an
+    # unread body used to reset the replica's side and, now and then, the client's next request).
+    for _ in range(3):
+        assert http.post("/v1/predict", json={"asset": "BTC-USD"}).status_code == 200
 
 
 # ----------------------------------------------------------------------- blue / green
