@@ -109,6 +109,7 @@ class _Runtime:
     """Per-process settings the module-level middleware and handlers need."""
 
     max_body_bytes: int = 1_048_576
+    body_drain_bytes: int = 262_144
     replica: "PredictorReplica | None" = None
 
 
@@ -173,32 +174,28 @@ def _endpoint_of(request: Request) -> str:
     return {"/v1/predict": "predict", "/v1/predict/batch": "batch"}.get(path, "other")
 
 
-# An over-limit body is read and discarded up to this much more before the 413 goes out,
-# so the connection ends on a message boundary and stays open for the next request (the
-# same bound Go's net/http uses). A server that answers and closes with the body still
-# unread resets the connection: the ingress then drops the client connection under a
-# client that is about to reuse it. Bigger bodies get the 413 at once and a close.
-DRAIN_BYTES = 256 * 1024
-
-
 class BodyLimitMiddleware:
     """Refuses request bodies above ``serve.max_body_bytes`` with 413 before parsing them.
 
     A declared ``Content-Length`` above the limit is refused without parsing; a chunked body
     is read here as it arrives and refused as soon as it crosses the limit. Either way up to
-    ``DRAIN_BYTES`` of the excess is drained first, so a moderately oversized request leaves
-    a reusable connection behind.
+    ``drain()`` bytes of the excess (``serve.body_drain_bytes``) are read and discarded first,
+    so the connection ends on a message boundary and stays open for the next request, the way
+    Go's net/http does it. Answering with the body still unread makes the HTTP server reset
+    the connection, and the ingress then drops the client's connection under a client about
+    to reuse it. Bigger bodies get the 413 at once, marked ``Connection: close``.
     """
 
-    def __init__(self, app: ASGIApp, limit: Callable[[], int]) -> None:
+    def __init__(self, app: ASGIApp, limit: Callable[[], int], drain: Callable[[], int]) -> None:
         self.app = app
         self.limit = limit
+        self.drain = drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit()
+        limit, drain = self.limit(), self.drain()
         declared = None
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
@@ -210,7 +207,7 @@ class BodyLimitMiddleware:
                                                      field="Content-Length"), close=True)
                 return
             if int(declared) > limit:
-                ended = int(declared) <= limit + DRAIN_BYTES and await _drain(receive, DRAIN_BYTES)
+                ended = int(declared) <= limit + drain and await _drain(receive, drain)
                 await _send_error(send, BodyTooLarge(
                     f"request body of {int(declared)} bytes exceeds serve.max_body_bytes = {limit}",
                     field="body"), close=not ended)
@@ -229,7 +226,7 @@ class BodyLimitMiddleware:
                 break
             size += len(message.get("body", b""))
             if size > limit:
-                ended = not message.get("more_body", False) or await _drain(receive, DRAIN_BYTES)
+                ended = not message.get("more_body", False) or await _drain(receive, drain)
                 await _send_error(send, BodyTooLarge(
                     f"request body exceeds serve.max_body_bytes = {limit}", field="body"),
                     close=not ended)
@@ -330,15 +327,19 @@ async def _send_json(send: Send, status: int, body: bytes,
     await send({"type": "http.response.body", "body": body})
 
 
+# Module-level functions, not lambdas: Serve pickles the FastAPI app, and a lambda would carry
+# a frozen copy of _RUNTIME instead of reading the replica's live settings.
 def _body_limit() -> int:
-    # A module-level function, not a lambda: Serve pickles the FastAPI app, and a lambda would
-    # carry a frozen copy of _RUNTIME instead of reading the replica's live settings.
     return _RUNTIME.max_body_bytes
+
+
+def _body_drain() -> int:
+    return _RUNTIME.body_drain_bytes
 
 
 app.add_middleware(PredictFastPath)
 # Added last, so outermost: the size limit applies before anything reads a body.
-app.add_middleware(BodyLimitMiddleware, limit=_body_limit)
+app.add_middleware(BodyLimitMiddleware, limit=_body_limit, drain=_body_drain)
 
 
 def require_admin(authorization: str | None = Header(None, description="Bearer <admin token>")) -> None:
@@ -500,6 +501,7 @@ class PredictorReplica:
         self.freq_ns = settings.bars.freq_s * NS_PER_S
         self.prefix = cfg.redis_prefix
         _RUNTIME.max_body_bytes = cfg.max_body_bytes
+        _RUNTIME.body_drain_bytes = cfg.body_drain_bytes
         _RUNTIME.replica = self
         # A request thread waiting for the interpreter lock behind a background thread (a
         # feature refresh, the log writer) waits up to one switch interval: keep it short.

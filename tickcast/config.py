@@ -242,6 +242,9 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=1, le=65535)
     admin_token: str | None = None  # None -> admin endpoints disabled
     max_body_bytes: int = Field(1_048_576, ge=1024)
+    # Excess of an oversized body read and discarded before its 413, so the connection stays
+    # usable (bigger bodies: the 413 at once and a close).
+    body_drain_bytes: int = Field(262_144, ge=0)
     max_batch_assets: int = Field(5000, ge=1)
     feature_max_age_s: float = Field(180.0, gt=0)
     feature_refresh_s: float = Field(0.5, gt=0)

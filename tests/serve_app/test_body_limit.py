@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from serve_app.app import DRAIN_BYTES, BodyLimitMiddleware
+from serve_app.app import BodyLimitMiddleware
 
 LIMIT = 1024
+DRAIN = 256 * 1024
 
 
 def _call(chunks: list[bytes], content_length: int | None,
@@ -48,7 +49,7 @@ def _call(chunks: list[bytes], content_length: int | None,
 
     headers = [] if content_length is None else [(b"content-length", str(content_length).encode())]
     scope = {"type": "http", "method": "POST", "path": "/v1/predict", "headers": headers}
-    asyncio.run(BodyLimitMiddleware(app, lambda: LIMIT)(scope, receive, send))
+    asyncio.run(BodyLimitMiddleware(app, lambda: LIMIT, lambda: DRAIN)(scope, receive, send))
     return sent, read, seen
 
 
@@ -77,7 +78,7 @@ def test_moderately_oversized_body_is_drained_and_keeps_the_connection(declared:
 
 
 def test_huge_declared_body_is_refused_at_once_and_closes() -> None:
-    sent, read, _ = _call([b"x" * 4096], LIMIT + DRAIN_BYTES + 1)
+    sent, read, _ = _call([b"x" * 4096], LIMIT + DRAIN + 1)
     assert _status_and_close(sent) == (413, True)
     assert read == 0  # not a byte read
 
@@ -109,7 +110,28 @@ def test_malformed_content_length_is_a_400_naming_the_header() -> None:
     async def app(*_: Any) -> None:
         raise AssertionError("must not be called")
 
-    asyncio.run(BodyLimitMiddleware(app, lambda: LIMIT)(scope, receive, send))
+    asyncio.run(BodyLimitMiddleware(app, lambda: LIMIT, lambda: DRAIN)(scope, receive, send))
     status, close = _status_and_close(sent)
     assert close and json.loads(sent[1]["body"])["field"] == "Content-Length"
     assert status == 422
+
+
+def test_no_drain_allowance_refuses_at_once() -> None:
+    # serve.body_drain_bytes = 0: nothing past the limit is read; the refusal closes.
+    incoming = iter([{"type": "http.request", "body": b"x" * 2048, "more_body": True},
+                     {"type": "http.request", "body": b"x", "more_body": False}])
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(incoming)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def app(*_: Any) -> None:
+        raise AssertionError("must not be called")
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"content-length", b"2049")]}
+    asyncio.run(BodyLimitMiddleware(app, lambda: LIMIT, lambda: 0)(scope, receive, send))
+    assert _status_and_close(sent) == (413, True)
+    assert next(incoming)["body"] == b"x" * 2048  # not a byte was read
