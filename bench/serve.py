@@ -278,12 +278,6 @@ class ClosedLoopClient:
 
 
 # ----------------------------------------------------------------------- setup
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Setup:
     """What the benchmark built."""
@@ -331,6 +325,7 @@ def prepare(data_dir: Path, batch_assets: int, rounds: int, log: Callable[[str],
     """Models, features and bars in a fresh data dir (no Ray yet)."""
     from serve_app import model_kit as mk
     from tickcast.config import load_settings
+    from tickcast.net import free_port
     from tickcast.redis_server import EmbeddedRedis, connect
     from tickcast.storage.bar_store import BarStore
     from tickcast.storage.online_store import OnlineFeatureStore
@@ -339,7 +334,7 @@ def prepare(data_dir: Path, batch_assets: int, rounds: int, log: Callable[[str],
     timings: dict[str, float] = {}
     t = time.monotonic()
     srv = EmbeddedRedis.start(data_dir)
-    port = _free_port()
+    port = free_port()
     settings = load_settings(overrides=[
         f"data_dir={data_dir}", f"redis.url={srv.url}", f"serve.port={port}",
         "serve.admin_token=bench-token", "serve.shadow_default=true", *(overrides or []),

@@ -66,6 +66,7 @@ from serve_app.slots import ModelLoader, SlotManager
 from tickcast.config import Settings
 from tickcast.errors import (Forbidden, InvalidInput, ServiceUnavailable, TickcastError,
                              Unauthorized)
+from tickcast.net import free_port
 from tickcast.redis_server import connect, redact
 from tickcast.ticks import NS_PER_S
 from training.registry import ModelRegistry, registry_root
@@ -466,11 +467,6 @@ def haproxy_env(drain_period_s: float = 5.0, threads: int = 1) -> dict[str, str]
     Ray's default of 30 s would make every deletion and downscale take that long. HAProxy's
     thread count defaults to 4 in Ray; on a 2-core host one thread is enough and contends less.
     """
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1",
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),

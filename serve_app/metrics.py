@@ -191,22 +191,18 @@ def render_prometheus(merged: Mapping[str, Any], gauges: Iterable[tuple[str, str
         lines.append(f"# HELP {PREFIX}{name} {help_text}")
         lines.append(f"# TYPE {PREFIX}{name} {kind}")
 
-    family("requests_total", "counter", "HTTP requests by endpoint, slot and status code.")
-    for key in sorted(merged["requests"]):
-        lines.append(f"{PREFIX}requests_total{{{_labels(('endpoint', 'slot', 'code'), key)}}} "
-                     f"{merged['requests'][key]}")
-    family("errors_total", "counter", "Failed requests by endpoint, error code and status.")
-    for key in sorted(merged["errors"]):
-        lines.append(f"{PREFIX}errors_total{{{_labels(('endpoint', 'error', 'code'), key)}}} "
-                     f"{merged['errors'][key]}")
-    family("sla_violations_total", "counter", "Requests slower than serve.sla_latency_ms.")
-    for key in sorted(merged["sla_violations"]):
-        lines.append(f"{PREFIX}sla_violations_total{{{_labels(('endpoint', 'slot'), key)}}} "
-                     f"{merged['sla_violations'][key]}")
-    family("predictions_total", "counter", "Predictions by slot and role (served or shadow).")
-    for key in sorted(merged["predictions"]):
-        lines.append(f"{PREFIX}predictions_total{{{_labels(('slot', 'role'), key)}}} "
-                     f"{merged['predictions'][key]}")
+    for name, source, label_names, help_text in (
+            ("requests_total", "requests", ("endpoint", "slot", "code"),
+             "HTTP requests by endpoint, slot and status code."),
+            ("errors_total", "errors", ("endpoint", "error", "code"),
+             "Failed requests by endpoint, error code and status."),
+            ("sla_violations_total", "sla_violations", ("endpoint", "slot"),
+             "Requests slower than serve.sla_latency_ms."),
+            ("predictions_total", "predictions", ("slot", "role"),
+             "Predictions by slot and role (served or shadow).")):
+        family(name, "counter", help_text)
+        for key in sorted(merged[source]):
+            lines.append(f"{PREFIX}{name}{{{_labels(label_names, key)}}} {merged[source][key]}")
 
     family("request_latency_seconds", "histogram", "Handler latency by endpoint and slot.")
     bounds = [b / 1000.0 for b in merged["buckets_ms"]]

