@@ -695,6 +695,8 @@ class PredictorReplica:
         tag.error = exc.code
         if isinstance(exc, (ModelFailed, ModelUnusable)):
             self.metrics.count_model_errors([exc.fault])
+        else:  # no model served it (a client's mistake, stale features): no model's request
+            tag.slot, tag.models = "none", ()
         exc.request_id = request_id  # type: ignore[attr-defined]
         return exc
 
@@ -851,13 +853,17 @@ class PredictorReplica:
             if res.shadow_faults:
                 for _, sl, _, code, status in res.shadow_faults:
                     self.metrics.observe("shadow", sl, status, 0.0, error=code)
-            if not len(res) and res.errors:
-                why = "no asset of the batch could be served: " + res.errors[0][2]
-                if any(f[4] == ModelFailed.status for f in res.faults):
-                    raise BatchModelsFailed(why)
-                raise ServiceUnavailable(why)
         except TickcastError as exc:
             raise self._failed(tag, exc, rid) from None
+        if not len(res) and res.errors:
+            # Nothing served. The models that failed are counted against themselves (above)
+            # and keep this request; stale features or missing models blame no model.
+            why = "no asset of the batch could be served: " + res.errors[0][2]
+            failure: TickcastError = (BatchModelsFailed(why) if any(
+                f[4] == ModelFailed.status for f in res.faults) else ServiceUnavailable(why))
+            tag.error = failure.code
+            failure.request_id = rid  # type: ignore[attr-defined]
+            raise failure
         columns = batch_columns(res)
         out: dict[str, Any] = {"request_id": rid, "count": len(res)}
         if body.format == "columns":

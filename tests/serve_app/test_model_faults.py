@@ -219,3 +219,62 @@ def test_explanation_adds_up_to_the_served_median_and_loads_lazily(world: Servin
     finally:
         slots.stop()
         features.stop()
+
+
+def test_the_replica_counts_a_failing_model_against_itself_only(world: ServingWorld,
+                                                                trained_models) -> None:
+    """The replica's own bookkeeping (what it publishes for the controller), outside Serve."""
+    from serve_app.app import _RUNTIME, PredictorReplica
+    from serve_app.request_clock import RequestTag
+    from serve_app.schemas import BatchPredictRequest, PredictRequest
+    from tickcast.errors import TickcastError
+
+    first, _ = trained_models
+    bad = mk.TrainedModel(onnx_bytes=_poison_median(first.onnx_bytes), native_json=first.native_json,
+                          card=first.card, reference=first.reference)
+    bad_version = mk.register_model(world.registry, "BTC-USD", bad, alias="challenger")
+    settings = world.settings.with_overrides(**{"model.compiled_engine": False})
+    replica = PredictorReplica(settings.model_dump_json(), world.redis_url)
+    try:
+        table, _ = replica.control.set_traffic(1.0, None, ["BTC-USD"])
+        assert replica._apply(table.rev)
+        assert replica.slots.state.model("BTC-USD", "green").version == bad_version
+
+        def call(fn, *args) -> tuple[RequestTag, int]:
+            tag = RequestTag(time.perf_counter(), "batch" if fn == replica._predict_batch else "predict")
+            try:
+                fn(*args, {}, tag)
+                status = 200
+            except TickcastError as exc:
+                status = exc.status
+            replica.record_request(tag, status, tag.elapsed_ms())
+            return tag, status
+
+        tag, status = call(replica.predict_bytes, PredictRequest(asset="BTC-USD"))
+        assert (status, tag.slot, tag.error) == (500, "green", "model_failed")
+        _, status = call(replica.predict_bytes, PredictRequest(asset="STALE-USD"))
+        assert status == 503
+        _, status = call(replica.predict_bytes, PredictRequest(asset="DOGE-USD"))
+        assert status == 404
+        tag, status = call(replica._predict_batch, BatchPredictRequest(assets=["BTC-USD"]))
+        assert (status, tag.error) == (500, "model_failed")
+        _, status = call(replica._predict_batch, BatchPredictRequest(assets=["BTC-USD", "ETH-USD"]))
+        assert status == 200
+        snap = MetricsSnapshot.from_dict(replica.metrics.snapshot())
+        assert snap.own_errors("BTC-USD", bad_version) == 3
+        assert snap.own_errors_by_slot("BTC-USD") == {"green": 3}
+        assert snap.served("BTC-USD", bad_version) == 3
+        assert snap.served("ETH-USD") == 1
+        assert snap.served("STALE-USD") == 0 and snap.own_errors("STALE-USD", server_only=False) == 0
+        sla = candidate_sla({}, {"r": snap}, "BTC-USD", bad_version)
+        assert (sla.requests, sla.errors, sla.error_rate) == (3, 3, 1.0)
+        raw = replica.metrics.snapshot()
+        assert {"predict|none|503", "predict|none|404", "predict|green|500", "batch|green|500"} <= set(raw["requests"])
+        # The Ray metrics (what Grafana's p99 reads) get every status of the prediction endpoints.
+        assert {code for _, code, _ in replica._latencies} == {200, 404, 500, 503}
+    finally:
+        replica._stop.set()
+        replica.slots.stop()
+        replica.features.stop()
+        replica.logger.stop()
+        _RUNTIME.replica = None
