@@ -144,8 +144,19 @@ class BatchModelsFailed(TickcastError):
 
 
 def now_iso() -> str:
-    """The server's current time, ISO 8601 UTC with microseconds (``…Z``)."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """The server's current time, ISO 8601 UTC with microseconds (``…Z``).
+
+    >>> import re; bool(re.fullmatch(r"\\d{4}-\\d\\d-\\d\\dT\\d\\d:\\d\\d:\\d\\d\\.\\d{6}Z", now_iso()))
+    True
+    """
+    seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    return f"{_iso_second(seconds)}.{micros:06d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _iso_second(seconds: int) -> str:
+    # Per second, not per call: datetime formatting cost ~3 % of a request (py-spy).
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def error_body(exc: TickcastError, request_id: str | None = None) -> dict[str, Any]:
