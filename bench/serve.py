@@ -106,7 +106,8 @@ class RunResult:
 class _Conn(asyncio.Protocol):
     """One keep-alive connection issuing requests back to back (closed loop)."""
 
-    def __init__(self, client: "ClosedLoopClient", requests: list[bytes], offset: int) -> None:
+    def __init__(self, client: "ClosedLoopClient", requests: list[bytes], offset: int,
+                 schedule_ns: int | None = None) -> None:
         self.client = client
         self.requests = requests
         self.i = offset
@@ -116,14 +117,23 @@ class _Conn(asyncio.Protocol):
         self.pending = False  # a request is out and its response not complete
         self.loop = asyncio.get_event_loop()
         self.closed = self.loop.create_future()
-        self.next_at = 0  # paced runs: perf_counter_ns of this connection's next scheduled request
+        # Paced runs: perf_counter_ns of this connection's next scheduled request. A connection
+        # replacing one the server closed takes over its schedule (owed requests stay owed).
+        self.next_at = 0
+        self.sent_slot = 0  # slot of the last request sent
+        self.inherited = schedule_ns
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.next_at = time.perf_counter_ns()
+        now = time.perf_counter_ns()
+        if self.inherited is not None and self.inherited > now:
+            self.next_at = self.inherited  # the closed connection's next slot is still ahead
+            self.loop.call_later((self.inherited - now) / 1e9, self._send_if_open)
+            return
+        self.next_at = now if self.inherited is None else self.inherited
         self._send(self.next_at)
 
     def _send(self, intended_ns: int | None = None) -> None:
@@ -136,6 +146,7 @@ class _Conn(asyncio.Protocol):
         # Paced: the clock starts at the request's slot on the schedule, even when the previous
         # response came late and this one goes out after its slot (no coordinated omission).
         self.t0 = time.perf_counter_ns() if intended_ns is None else intended_ns
+        self.sent_slot = self.t0
         self.pending = True
         assert self.transport is not None
         self.transport.write(req)
@@ -197,7 +208,7 @@ class _Conn(asyncio.Protocol):
             self.client.errors += 1
             self.client.statuses[0] = self.client.statuses.get(0, 0) + 1
         if self.client.running:
-            self.client.reconnect(self.i)
+            self.client.reconnect(self.i, self.sent_slot + self.client.interval_ns)
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -228,11 +239,12 @@ class ClosedLoopClient:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.interval_ns = 0
 
-    def reconnect(self, offset: int) -> None:
-        """Open a replacement connection (the server closed one)."""
+    def reconnect(self, offset: int, schedule_ns: int | None = None) -> None:
+        """Open a replacement connection (the server closed one); paced, it keeps the closed
+        one's schedule from ``schedule_ns`` on."""
         self.reconnects += 1
         loop = asyncio.get_running_loop()
-        proto = _Conn(self, self.requests, offset)
+        proto = _Conn(self, self.requests, offset, schedule_ns if self.interval_ns else None)
         self._conns.append(proto)
         task = loop.create_task(loop.create_connection(lambda: proto, self.host, self.port))
         self._tasks.add(task)
