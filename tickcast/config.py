@@ -382,6 +382,20 @@ class SafetyConfig(Section):
         return self
 
 
+class ShardConfig(Section):
+    """Market shards: the actors that own the per-asset state (see docs/shards.md)."""
+
+    count: int | None = Field(None, ge=1)  # None: one per CPU of the cluster
+    # An asset's state is checkpointed after this many consumed entries or this many seconds,
+    # whichever comes first (a restart replays what came after, idempotently).
+    checkpoint_every_s: float = Field(10.0, gt=0)
+    # The closed loop of an asset is stepped on its events (a bar, a prediction); this sweep
+    # catches what has no event of its own (a champion changed in the registry).
+    monitor_sweep_s: float = Field(15.0, gt=0)
+    max_concurrency: int = Field(8, ge=2)  # consumer thread + queries
+    start_timeout_s: float = Field(120.0, gt=0)  # one shard's creation, recovery included
+
+
 class ControllerConfig(Section):
     min_paired: int = Field(200, ge=10)
     dm_alpha: float = Field(0.05, gt=0, lt=1)
@@ -434,6 +448,7 @@ class Settings(Section):
     drift: DriftConfig = DriftConfig()
     safety: SafetyConfig = SafetyConfig()
     controller: ControllerConfig = ControllerConfig()
+    shards: ShardConfig = ShardConfig()
 
     def with_overrides(self, **updates: Any) -> "Settings":
         """Return a validated copy with top-level or dotted overrides applied."""

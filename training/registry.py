@@ -44,6 +44,7 @@ MODEL_FILE = "model.onnx"
 CARD_FILE = "card.json"
 REFERENCE_FILE = "reference.parquet"
 ALIASES_FILE = "aliases.json"
+CHANGED_FILE = ".aliases_changed"  # touched on every alias write (watchers stat one file)
 HISTORY_FILE = "alias_history.jsonl"
 
 _ASSET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -277,6 +278,22 @@ class ModelRegistry:
                  "reason": reason, "before": old, "after": new}
         with open(adir / HISTORY_FILE, "a") as fh:
             fh.write(json.dumps(entry, sort_keys=True) + "\n")
+        self._mark_changed()
+
+    def _mark_changed(self) -> None:
+        """Bump the registry-wide change marker (one stat tells watchers that aliases moved)."""
+        marker = self.root / CHANGED_FILE
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        with open(marker, "a"):
+            pass
+        os.utime(marker)
+
+    def changed_ns(self) -> int:
+        """When any alias of any asset last moved (mtime of the marker, UNIX ns; 0: never)."""
+        try:
+            return (self.root / CHANGED_FILE).stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
 
     def _check_alias(self, alias: str) -> None:
         if alias not in ALIASES:

@@ -1,4 +1,4 @@
-"""The per-asset actors on the session's Ray and Redis: messages, fault drills, bad input.
+"""The market shards on the session's Ray and Redis: per-asset messages, fault drills, bad input.
 
 Drills replay one day of the shared file (two assets, three venues each) paced by event time,
 disturb the run mid-way, and require the stored bars to equal those of an undisturbed replay
@@ -19,7 +19,7 @@ from typing import Any, Callable
 import pytest
 import ray
 
-from actors.asset_actor import actor_name, get_or_create_asset_actor
+from actors.market_shard import AssetRef, get_or_create_shards, shard_for
 from actors.feeder import stream_key
 from tickcast.ingest import IngestHooks, IngestPlan, run_ingest
 from tickcast.ray_runtime import NAMESPACE
@@ -33,8 +33,10 @@ DRILL_SPEED = 86_400 / 8
 STRIKE_AT_ENTRY = 40
 
 
-def _handle(asset: str) -> ray.actor.ActorHandle:
-    return ray.get_actor(actor_name(asset), namespace=NAMESPACE)
+def _handle(asset: str) -> AssetRef:
+    ref = shard_for(asset)
+    assert ref is not None, f"no market shard owns {asset}"
+    return ref
 
 
 def _same_counts(report: dict, reference: dict) -> None:
@@ -85,8 +87,9 @@ def test_actor_messages(baseline: Any, make_settings: Callable[..., Any],
     bar = recent.loc[recent["ts"] == int(features[b"bar_ts"])]
     assert len(bar) == 1 and float(features[b"close"]) == float(bar["close"].iloc[0])
     # Same settings: the live actor is reused, not replaced.
-    same = get_or_create_asset_actor("BTC-USD", settings, redis_url)
+    same = get_or_create_shards(settings, redis_url, ("BTC-USD",)).ref("BTC-USD")
     assert ray.get(same.pid.remote()) == st["pid"]
+    assert st["shard"] == same.shard_name
 
 
 def test_sigkill_mid_replay_loses_nothing(baseline: Any, make_settings: Callable[..., Any],
@@ -199,6 +202,5 @@ def test_bad_input_end_to_end(make_settings: Callable[..., Any], redis_url: str,
 def test_unknown_asset_actor_is_refused(make_settings: Callable[..., Any], redis_url: str,
                                         ray_session: None) -> None:
     with pytest.raises(Exception, match="DOGE-USD"):
-        get_or_create_asset_actor("DOGE-USD", make_settings(), redis_url, timeout_s=20)
-    with pytest.raises(ValueError):
-        ray.get_actor(actor_name("DOGE-USD"), namespace=NAMESPACE)
+        get_or_create_shards(make_settings(), redis_url, ("DOGE-USD",), timeout_s=20)
+    assert shard_for("DOGE-USD") is None

@@ -87,16 +87,15 @@ def _on_signals(stop: threading.Event) -> None:
 
 
 def start_closed_loop(settings: Settings, redis_url: str) -> str:
-    """Drift and safety actors per asset and the controller (get-or-create, detached)."""
+    """The controller (get-or-create, detached); drift and safety run inside the market
+    shards that :class:`serve_app.feed.FeatureFeed` starts."""
     from actors.controller import get_or_create_controller
-    from actors.drift_actor import get_or_create_drift_actor
-    from actors.safety_actor import get_or_create_safety_actor
+    from actors.market_shard import get_or_create_shards
 
-    for asset in settings.assets:
-        get_or_create_drift_actor(asset, settings, redis_url)
-        get_or_create_safety_actor(asset, settings, redis_url)
+    if settings.serve.feed == "none":  # no feed started the shards: they run the loop alone
+        get_or_create_shards(settings, redis_url, closed_loop=True)
     get_or_create_controller(settings, redis_url)
-    return f"drift and safety actors for {', '.join(settings.assets)}; controller"
+    return f"drift and safety of {len(settings.assets)} assets in the market shards; controller"
 
 
 def run_server(settings: Settings, stop: threading.Event, log: Any = None,
