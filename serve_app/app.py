@@ -521,7 +521,7 @@ class PredictorReplica:
                                  registry_poll_s=cfg.registry_poll_s)
         bars_root = Path(settings.data_dir) / "bars"
         self.features = FeatureCache(client, refresh_s=cfg.feature_refresh_s,
-                                     discovery_s=cfg.feature_discovery_s,
+                                     resync_s=cfg.feature_resync_s,
                                      bar_close=self._bar_close_reader(bars_root),
                                      assets=settings.assets)
         self.metrics = ServeMetrics(cfg.sla_latency_ms)

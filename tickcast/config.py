@@ -269,7 +269,9 @@ class ServeConfig(Section):
     # Routing state (blue/green versions, weights, shadow) shared by replicas through Redis.
     redis_prefix: str = Field("serve:", min_length=1)
     registry_poll_s: float = Field(2.0, gt=0)  # registry aliases re-read (new champion/challenger)
-    feature_discovery_s: float = Field(5.0, gt=0)  # new features:<ASSET> keys looked for
+    # Replicas follow the change feed (changes:online) each feature_refresh_s and re-read
+    # every tracked asset only this often, as a safety net for writers that bypass the feed.
+    feature_resync_s: float = Field(60.0, gt=0)
     switch_timeout_s: float = Field(10.0, gt=0)  # admin calls wait this long for the local swap
     shadow_default: bool = False
     sticky_header: str = Field("X-Request-Key", min_length=1)
