@@ -525,7 +525,7 @@ class PredictorReplica:
                                      bar_close=self._bar_close_reader(bars_root),
                                      assets=settings.assets)
         self.metrics = ServeMetrics(cfg.sla_latency_ms)
-        self.logger = PredictionLogger(client, cfg.prediction_stream, cfg.prediction_stream_maxlen,
+        self.logger = PredictionLogger(client, cfg.prediction_stream, cfg.prediction_stream_maxlen_per_asset,
                                        cfg.prediction_log_batch, cfg.prediction_log_queue,
                                        settings.breaker, flush_s=cfg.prediction_log_flush_s,
                                        max_busy=cfg.prediction_log_max_busy)

@@ -26,6 +26,7 @@ from tickcast.config import BreakerConfig
 from tickcast.errors import InvalidInput, ServiceUnavailable, UnknownAsset
 from tickcast.redis_server import connect
 from tickcast.storage.safety_store import clear_safety, publish_safety
+from tickcast.streams import prediction_stream_key
 from training.registry import ModelRegistry
 
 from .conftest import ServingWorld, make_world
@@ -53,7 +54,7 @@ def test_prediction_log_writes_every_row(redis_url: str) -> None:
         assert log.submit([_row(i), _row(i, shadow=True)])
     log.stop(flush_timeout_s=10)
     client = connect(redis_url)
-    entries = client.xrange(stream)
+    entries = client.xrange(prediction_stream_key(stream, "BTC-USD"))  # one stream per asset
     assert len(entries) == 600
     fields = entries[3][1]
     assert set(fields) == {f.encode() for f in FIELDS}
@@ -334,7 +335,7 @@ def test_redis_url_with_password(tmp_path: Path) -> None:
         log.start()
         log.submit([_row(1)])
         log.stop(flush_timeout_s=5)
-        assert connect(url).xlen("predictions") == 1
+        assert connect(url).xlen("predictions:BTC-USD") == 1
         assert redact(url) == srv.url.replace("redis://", "redis://:***@")
     finally:
         srv.stop()

@@ -253,3 +253,57 @@ def test_random_writes_trims_and_resyncs_converge_to_a_full_read(srv: EmbeddedRe
     assert stats["resyncs_feed_gap"] >= 1  # the small feed was trimmed under the cache
     assert stats["refreshes"] - stats["resyncs_feed_gap"] - stats["resyncs_start"] >= 10  # and followed
 
+
+# ----------------------------------------------------------------------- prediction log
+def _pred_row(i: int, asset: str, shadow: bool = False) -> tuple:
+    return (f"r{i}", asset, "green" if shadow else "blue", "v1", 1_700_000_000_000_000_000,
+            0.001 * i, -0.01, 0.01, 100.0 + i, shadow)
+
+
+def test_prediction_log_writes_each_row_to_its_asset_stream(srv: EmbeddedRedis) -> None:
+    from serve_app.prediction_log import PredictionLogger
+    from tickcast.config import BreakerConfig
+    from tickcast.streams import prediction_stream_key
+
+    client = connect(srv.url)
+    log = PredictionLogger(lambda: connect(srv.url), "predictions", maxlen=50, batch=64,
+                           queue_rows=10_000, breaker=BreakerConfig(), flush_s=0.01, max_busy=1.0)
+    log.start()
+    counts = {"BTC-USD": 0, "ETH-USD": 0, "SOL-USD": 0}
+    for i in range(400):
+        asset = "BTC-USD" if i % 4 < 2 else ("ETH-USD" if i % 4 == 2 else "SOL-USD")
+        if asset == "SOL-USD" and counts[asset] >= 20:
+            asset = "BTC-USD"
+        counts[asset] += 2
+        assert log.submit([_pred_row(i, asset), _pred_row(i, asset, shadow=True)])
+    log.stop(flush_timeout_s=10)
+    assert log.stats()["written"] == 800 and log.stats()["dropped_write_failed"] == 0
+    assert not client.exists("predictions")  # no shared stream any more
+    for asset, n in counts.items():
+        entries = client.xrange(prediction_stream_key("predictions", asset))
+        assert {f[b"asset"] for _, f in entries} == {asset.encode()}
+        ids = [int(f[b"request_id"][1:]) for _, f in entries]
+        assert ids == sorted(ids)  # rows keep their order within an asset
+        if n <= 50:
+            assert len(entries) == n
+        else:
+            assert 50 <= len(entries) < n  # each stream capped on its own (MAXLEN ~ 50)
+
+
+def test_prediction_log_counts_a_refused_row_without_losing_the_others(srv: EmbeddedRedis) -> None:
+    from serve_app.prediction_log import PredictionLogger
+    from tickcast.config import BreakerConfig
+
+    client = connect(srv.url)
+    client.set("predictions:BAD-USD", "not a stream")  # one asset's key is unusable
+    log = PredictionLogger(lambda: connect(srv.url), "predictions", maxlen=1000, batch=64,
+                           queue_rows=10_000, breaker=BreakerConfig(min_calls=2, window_size=4),
+                           flush_s=0.01, max_busy=1.0)
+    log.start()
+    for i in range(100):
+        log.submit([_pred_row(i, "BAD-USD" if i % 10 == 0 else "GOOD-USD")])
+    log.stop(flush_timeout_s=10)
+    stats = log.stats()
+    assert (stats["written"], stats["dropped_write_failed"]) == (90, 10)
+    assert "WRONGTYPE" in stats["last_error"] and stats["breaker"] == "closed"
+    assert client.xlen("predictions:GOOD-USD") == 90
