@@ -390,10 +390,11 @@ class FeatureCache:
         return asset, kind
 
     def _read(self, client: redis.Redis, feats: list[str], safety: list[str],
-              ) -> tuple[dict[str, FeatureRow | None], dict[str, dict[bytes, bytes]]]:
-        """Feature rows of ``feats`` and safety hashes of ``safety``, pipelined in chunks."""
+              ) -> tuple[dict[str, dict[bytes, bytes]], dict[str, dict[bytes, bytes]]]:
+        """Raw ``features:`` hashes of ``feats`` and ``safety:`` hashes of ``safety``, pipelined
+        in chunks."""
         cmds = [(True, a) for a in feats] + [(False, a) for a in safety]
-        rows: dict[str, FeatureRow | None] = {}
+        rows: dict[str, dict[bytes, bytes]] = {}
         hashes: dict[str, dict[bytes, bytes]] = {}
         for k in range(0, len(cmds), READ_CHUNK):
             chunk = cmds[k:k + READ_CHUNK]
@@ -401,32 +402,36 @@ class FeatureCache:
             for is_feature, a in chunk:
                 pipe.hgetall((HASH_PREFIX if is_feature else SAFETY_PREFIX) + a)
             for (is_feature, a), raw in zip(chunk, pipe.execute()):
-                if not is_feature:
-                    hashes[a] = raw
-                    continue
-                try:
-                    rows[a] = OnlineFeatureStore.decode(a, raw)
-                except ServiceUnavailable as exc:
-                    # One bad hash must not stop the others from refreshing: keep its last row.
-                    self._stats["unreadable_rows"] += 1
-                    log.warning("%s", exc)
+                (rows if is_feature else hashes)[a] = raw
         self._stats["feature_rows_read"] += len(feats)
         self._stats["safety_read"] += len(safety)
         return rows, hashes
 
     def _apply_rows(self, features: dict[str, FeatureEntry],
-                    rows: Mapping[str, FeatureRow | None]) -> bool:
+                    raws: Mapping[str, dict[bytes, bytes]]) -> bool:
         """Put the rows that differ from the held entries into ``features``; True if any did.
 
-        A hash that disappeared keeps its last entry: the staleness check retires it.
+        A row already held (same ``updated`` and ``bar_ts``: a resync, or several entries for
+        one write) is not decoded again. A hash that disappeared keeps its last entry: the
+        staleness check retires it.
         """
         changed = False
-        for a, row in rows.items():
-            if row is None:
+        for a, raw in raws.items():
+            if not raw:
                 continue
             old = features.get(a)
-            if old is not None and old.updated == row.updated and old.bar_ts == row.bar_ts:
-                continue  # the row already held (a resync, or several entries for one write)
+            if (old is not None and raw.get(b"updated") == str(old.updated).encode()
+                    and raw.get(b"bar_ts") == str(old.bar_ts).encode()):
+                continue
+            try:
+                row = OnlineFeatureStore.decode(a, raw)
+            except ServiceUnavailable as exc:
+                # One bad hash must not stop the others from refreshing: keep its last row.
+                self._stats["unreadable_rows"] += 1
+                log.warning("%s", exc)
+                continue
+            if row is None:
+                continue
             price = _extra_price(row)
             if price is None and old is not None and old.bar_ts == row.bar_ts:
                 price = old.price

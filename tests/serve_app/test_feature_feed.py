@@ -89,6 +89,17 @@ def test_idle_refresh_is_one_command_whatever_the_number_of_assets(srv: Embedded
     assert per_size[10] == per_size[1000] == {"xrange": 5}
 
 
+def test_a_resync_with_nothing_changed_keeps_every_entry(srv: EmbeddedRedis) -> None:
+    client, _, cache, assets = _world(srv.url, 100)
+    before = cache.snapshot
+    _reset(client)
+    snap = cache.refresh(force_resync=True)
+    calls = _calls(client)
+    assert calls["hgetall"] == 200 and calls["scan"] >= 1  # every row and safety hash re-read...
+    assert snap.version == before.version  # ...and nothing rebuilt: the served view stays
+    assert all(snap.features[a] is before.features[a] for a in assets)
+
+
 def test_one_change_among_1000_rereads_that_asset_only(srv: EmbeddedRedis) -> None:
     client, store, cache, assets = _world(srv.url, 1000)
     before = cache.snapshot
@@ -211,7 +222,7 @@ def test_malformed_feed_entries_are_skipped_and_counted(srv: EmbeddedRedis) -> N
     assert cache.stats()["malformed_changes"] == 3 and not snap.error
     assert snap.features[assets[0]].bar_ts == _bar_ts() + MINUTE
     # An unreadable features hash keeps its last row and does not stop the others.
-    client.hset(HASH_PREFIX + assets[1], "values", b"\x00" * 3)
+    client.hset(HASH_PREFIX + assets[1], mapping={"values": b"\x00" * 3, "updated": str(time.time_ns())})
     client.xadd(CHANGES_STREAM, {"asset": assets[1], "kind": "features"})
     _publish(store, assets[2:3], _bar_ts() + MINUTE)
     snap = cache.refresh()
