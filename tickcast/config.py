@@ -248,7 +248,7 @@ class ServeConfig(Section):
     max_batch_assets: int = Field(5000, ge=1)
     feature_max_age_s: float = Field(180.0, gt=0)
     feature_refresh_s: float = Field(0.5, gt=0)
-    prediction_stream: str = "predictions"
+    prediction_stream: str = Field("predictions", min_length=1)  # prefix of predictions:<ASSET>
     prediction_log_batch: int = Field(256, ge=1)
     prediction_log_queue: int = Field(100_000, ge=1)
     sla_latency_ms: float = Field(150.0, gt=0)
@@ -269,13 +269,16 @@ class ServeConfig(Section):
     # Routing state (blue/green versions, weights, shadow) shared by replicas through Redis.
     redis_prefix: str = Field("serve:", min_length=1)
     registry_poll_s: float = Field(2.0, gt=0)  # registry aliases re-read (new champion/challenger)
-    feature_discovery_s: float = Field(5.0, gt=0)  # new features:<ASSET> keys looked for
+    # Replicas follow the change feed (changes:online) each feature_refresh_s and re-read
+    # every tracked asset only this often, as a safety net for writers that bypass the feed.
+    feature_resync_s: float = Field(60.0, gt=0)
     switch_timeout_s: float = Field(10.0, gt=0)  # admin calls wait this long for the local swap
     shadow_default: bool = False
     sticky_header: str = Field("X-Request-Key", min_length=1)
     sticky_salt: str = ""  # change it to reshuffle every A/B group at once
-    # Prediction log (stream `prediction_stream`).
-    prediction_stream_maxlen: int = Field(1_000_000, ge=1)
+    # Prediction log: one stream per asset, `<prediction_stream>:<ASSET>`, each capped at about
+    # this many entries (both slots' rows).
+    prediction_stream_maxlen_per_asset: int = Field(20_000, ge=1)
     prediction_log_flush_s: float = Field(0.05, gt=0)
     prediction_log_max_busy: float = Field(0.25, gt=0, le=1)  # writer's share of wall time, at most
     metrics_publish_s: float = Field(1.0, gt=0)  # replica metrics merged through Redis this often
