@@ -69,8 +69,12 @@ def _positive(value: Any) -> float | None:
     return v if math.isfinite(v) and v > 0 else None
 
 
-def build_tracker(settings: Settings, registry: ModelRegistry, asset: str, version: str) -> DriftTracker:
+def build_tracker(settings: Settings, registry: ModelRegistry, asset: str, version: str,
+                  loader: Any = None) -> DriftTracker:
     """A drift tracker for ``version`` of ``asset`` from its registry entry.
+
+    ``loader`` (a :class:`serve_app.slots.ModelLoader`) shares model files across assets: a
+    shard of many assets served by one model loads it once.
 
     Raises
     ------
@@ -81,7 +85,9 @@ def build_tracker(settings: Settings, registry: ModelRegistry, asset: str, versi
 
     card = registry.card(asset, version)
     reference = registry.reference(asset, version)
-    model = ModelLoader(registry, native_min_rows=settings.model.native_min_rows).load(asset, version)
+    if loader is None:
+        loader = ModelLoader(registry, native_min_rows=settings.model.native_min_rows)
+    model = loader.load(asset, version)
     x = reference[list(model.feature_names)].to_numpy(np.float32)
     pred, lo, hi = model.score(x)
     preds = pd.DataFrame({PREDICTION_COLUMNS[0]: pred})
@@ -124,12 +130,15 @@ class AssetDrift:
         The shard's Redis client, model registry, event sink and Ray metrics.
     bars
         The asset's consensus bars in a range (the shard serves them from memory).
+    loader
+        The shard's model loader (shares model files across assets).
     """
 
     def __init__(self, asset: str, settings: Settings, client: redis.Redis,
                  registry: ModelRegistry, sink: EventSink, metrics: LoopMetrics,
-                 bars: BarSource) -> None:
+                 bars: BarSource, loader: Any = None) -> None:
         self.asset = asset
+        self.loader = loader
         self.settings = settings
         self.client = client
         self.registry = registry
@@ -187,7 +196,8 @@ class AssetDrift:
         self.state.alert = None
         self._ack = None
         if champion is not None:
-            self.state.tracker = build_tracker(self.settings, self.registry, self.asset, champion)
+            self.state.tracker = build_tracker(self.settings, self.registry, self.asset, champion,
+                                               self.loader)
         events.append({"type": "drift_reset", "from": current, "to": champion,
                        "reason": "champion changed"})
 

@@ -233,8 +233,12 @@ class AssetIngest:
         """Checkpoint and trim when enough entries and time have passed (or ``force``)."""
         if self._since_checkpoint == 0:
             return False
+        # A quiet live asset checkpoints every few tens of seconds; one catching up on a
+        # backlog does so every half backlog, so its stream is trimmed before producers that
+        # wait on the backlog stall.
         due = (self._since_checkpoint >= self.settings.ingest.checkpoint_every_batches
-               and time.monotonic() - self._checkpointed_at >= self.settings.shards.checkpoint_every_s)
+               and (time.monotonic() - self._checkpointed_at >= self.settings.shards.checkpoint_every_s
+                    or self._since_checkpoint >= max(1, self.settings.ingest.max_backlog_entries // 2)))
         if not (due or force):
             return False
         if self.checkpoint():
@@ -248,7 +252,7 @@ class AssetIngest:
             return False
         self._publish(self.state.feed_features(max_bars))
         if not self.state.features_pending:
-            self.checkpoint()
+            self.maybe_checkpoint(force=True)
         return True
 
     def flush(self) -> StepOutput:
@@ -256,7 +260,8 @@ class AssetIngest:
         out = self.state.flush(self._alternates)
         self._unwritten.append(out)
         self._write_unwritten()
-        self.checkpoint()
+        self._since_checkpoint = max(1, self._since_checkpoint)
+        self.maybe_checkpoint(force=True)
         return out
 
     def _write_unwritten(self) -> None:

@@ -41,7 +41,8 @@ from tickcast.monitoring.events import event_from
 from tickcast.monitoring.loop_state import SafetyTracker
 from tickcast.monitoring.safety import SafetyStatus
 from tickcast.monitoring.shadow_eval import parse_prediction
-from tickcast.streams import prediction_stream_key, safety_key
+from tickcast.storage.safety_store import publish_safety
+from tickcast.streams import prediction_stream_key
 from tickcast.ticks import NS_PER_S
 from training.registry import ModelRegistry
 
@@ -159,8 +160,9 @@ class AssetSafety:
         key = (status.regime, float(status.multiplier), bool(status.halted), status.ts)
         if key == self._published:
             return
-        self.client.hset(safety_key(self.asset),
-                         mapping=safety_fields(status, self.state.tracker.champion, time.time_ns()))
+        # Hash and change-feed entry together: replicas re-read only what the feed names.
+        publish_safety(self.client, self.asset,
+                       safety_fields(status, self.state.tracker.champion, time.time_ns()))
         self._published = key
         self.metrics.set(mn.REGIME, mn.REGIME_CODES[status.regime], self.asset)
         self.metrics.set(mn.POSITION_MULTIPLIER, status.multiplier, self.asset)

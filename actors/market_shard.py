@@ -41,6 +41,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +54,7 @@ from actors.asset_drift import AssetDrift
 from actors.asset_ingest import AssetIngest, ShardWriters
 from actors.asset_safety import AssetSafety
 from actors.asset_state import AssetState, StepOutput
-from actors.feeder import parse_entry_id
+from actors.feeder import SENT_FIELD, parse_entry_id
 from actors.loop_support import EventSink, LoopMetrics, kill_named, settings_fingerprint
 from tickcast.config import Settings
 from tickcast.errors import InvalidInput
@@ -68,6 +69,7 @@ log = logging.getLogger(__name__)
 
 # Longest blocking read: what an idle shard costs is one XREAD per this long.
 BLOCK_MS = 1000
+BAR_DELAYS_KEPT = 20_000
 
 
 class IngestMetrics:
@@ -182,6 +184,9 @@ class MarketShard:
         self.writers = ShardWriters(settings, self.client, name)
         self.metrics = IngestMetrics()
         self.registry = ModelRegistry(registry_root(settings))
+        from serve_app.slots import ModelLoader  # noqa: PLC0415 - the serving plane's loader
+
+        self.loader = ModelLoader(self.registry, native_min_rows=settings.model.native_min_rows)
         tag = name.replace(":", "-")
         self.sink = EventSink(self.client, settings, tag)
         self.loop_metrics = LoopMetrics((mn.DRIFT_SCORE, mn.REGIME, mn.POSITION_MULTIPLIER))
@@ -200,6 +205,9 @@ class MarketShard:
         self._pending_features: set[str] = {a for a, d in self.desks.items()
                                             if d.ingest.state.features_pending}
         self._uncheckpointed: set[str] = set()
+        # Seconds from the arrival in Redis of the entry that closed a bar (the watermark passed
+        # the bar's end then) to the bar's emission; the newest per shard.
+        self.bar_delays: deque[float] = deque(maxlen=BAR_DELAYS_KEPT)
         self._next_sweep = time.monotonic()
         self._thread = threading.Thread(target=self._consume, name=f"consume:{name}", daemon=True)
         self._thread.start()
@@ -213,7 +221,7 @@ class MarketShard:
                 return bars.loc[bars["ts"].to_numpy() <= end_ns] if len(bars) else bars
 
             desk.drift = AssetDrift(asset, self.settings, self.client, self.registry, self.sink,
-                                    self.loop_metrics, between)
+                                    self.loop_metrics, between, self.loader)
             desk.safety = AssetSafety(asset, self.settings, self.client, self.registry, self.sink,
                                       self.loop_metrics, ingest.bars_after)
             desk.predictions_seen = min(desk.drift.state.predictions_id,
@@ -292,6 +300,9 @@ class MarketShard:
                     self._uncheckpointed.add(asset)
                 if any(len(o.consensus) for o in outs):
                     emitted.add(asset)
+                    sent = entries[-1][1].get(SENT_FIELD.encode())
+                    if sent is not None:
+                        self.bar_delays.append(max(0.0, (time.time_ns() - int(sent)) / 1e9))
                 recorded.append((asset, outs, ingest.state))
             self._progress.notify_all()
         for asset, outs, state in recorded:
@@ -398,6 +409,8 @@ class MarketShard:
             ingest = self._desk(asset).ingest
             out = ingest.flush()
             self._uncheckpointed.discard(asset)
+            if ingest.state.features_pending:
+                self._pending_features.add(asset)  # the closed bars still feed the features
         self.metrics.record(asset, out, ingest.state)
         self._drain_writers()
         return self.status(asset)
@@ -477,12 +490,17 @@ class MarketShard:
         """The shard's assets, process, load time and health (JSON-ready)."""
         with self._lock:
             failing = {a: d.ingest.failure for a, d in self.desks.items() if d.ingest.failure}
+            states = [d.ingest.state for d in self.desks.values()]
             return {"shard": self.name, "assets": list(self.desks), "pid": os.getpid(),
                     "node_id": ray.get_runtime_context().get_node_id(),
                     "closed_loop": self.closed_loop, "load_s": round(self.load_s, 3),
+                    "ticks_in": int(sum(st.counts.ticks_in for st in states)),
+                    "bars": int(sum(st.counts.bars for st in states)),
+                    "assets_with_bars": int(sum(st.last_bar_ts is not None for st in states)),
                     "started_ns": self.started_ns, "read_errors": self.read_errors,
                     "loop_errors": self.loop_errors, "failing": failing,
                     "features_pending": len(self._pending_features),
+                    "bar_delay_s": _quantiles(self.bar_delays),
                     "last_error": self.last_error,
                     "store_writer": self.writers.store.stats(),
                     "redis_writer": self.writers.redis.stats(),
@@ -516,6 +534,15 @@ class MarketShard:
                     if monitor is not None:
                         monitor.checkpoint()
         return ok
+
+
+def _quantiles(values: deque[float]) -> dict[str, float | int]:
+    """Count, p50, p99 and max of the recent values (JSON-ready)."""
+    if not values:
+        return {"n": 0}
+    arr = np.fromiter(values, float)
+    return {"n": int(arr.size), "p50": round(float(np.quantile(arr, 0.5)), 4),
+            "p99": round(float(np.quantile(arr, 0.99)), 4), "max": round(float(arr.max()), 4)}
 
 
 # ---------------------------------------------------------------------------------- placement
@@ -615,7 +642,7 @@ def get_or_create_shards(settings: Settings, redis_url: str, assets: tuple[str, 
     if unknown:
         raise InvalidInput(f"assets not in the configuration: {', '.join(unknown)} "
                            f"(configured: {', '.join(settings.assets)})", field="assets")
-    n = min(shard_count(settings.shards.count, cluster_cpus()), max(1, len(assets)))
+    n = shard_count(settings.shards.count, cluster_cpus())
     # A shard that would own nothing is not started (a process costs; an empty one buys nothing).
     parts = {name: owned for name, owned in partition(assets, n).items() if owned}
     timeout = timeout_s if timeout_s is not None else settings.shards.start_timeout_s

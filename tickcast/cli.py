@@ -17,7 +17,7 @@ from tickcast.config import Settings, load_settings
 from tickcast.errors import TickcastError
 
 # Modules under tickcast.commands that define ``register(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = ("data", "model", "serving", "loop")
+COMMAND_MODULES: tuple[str, ...] = ("data", "model", "serving", "loop", "shards")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -391,7 +391,7 @@ class ShardConfig(Section):
     count: int | None = Field(None, ge=1)  # None: one per CPU of the cluster
     # An asset's state is checkpointed after this many consumed entries or this many seconds,
     # whichever comes first (a restart replays what came after, idempotently).
-    checkpoint_every_s: float = Field(10.0, gt=0)
+    checkpoint_every_s: float = Field(60.0, gt=0)
     # The closed loop of an asset is stepped on its events (a bar, a prediction); this sweep
     # catches what has no event of its own (a champion changed in the registry).
     monitor_sweep_s: float = Field(15.0, gt=0)

@@ -139,7 +139,7 @@ def run_data_demo(settings: Settings, *, minutes: float = DEMO_MINUTES, wall_s: 
 
     assets = tuple(settings.assets[:2])
     speed = minutes * 60.0 / wall_s
-    print(f"== data plane: simulator -> Redis Streams -> actors {', '.join(f'asset:{a}' for a in assets)}"
+    print(f"== data plane: simulator -> Redis Streams ticks:<ASSET> -> market shards ({', '.join(assets)})"
           f" -> bars ({minutes:.0f} simulated minutes at {speed:.0f}x)", file=out, flush=True)
     live = LiveBars(out)
     t0 = time.monotonic()

@@ -3,13 +3,13 @@
 ``tickcast drill --scenario regime-shift|worse-challenger|bad-promotion --data-dir DIR``
 
 Every drill runs the real parts, on this machine: an embedded Redis of its own (under ``DIR``),
-Ray (the cluster of ``connect_ray``, else a private instance), the per-asset actor fed through
-its Redis Stream, the bar store, a champion trained by the real pipeline (Ray Tune, XGBoost,
-conformal calibration, ONNX, registry), the Serve app on a free port, the drift and safety
-actors and the controller. The script:
+Ray (the cluster of ``connect_ray``, else a private instance), the asset's market shard fed
+through its Redis Stream, the bar store, a champion trained by the real pipeline (Ray Tune, XGBoost,
+conformal calibration, ONNX, registry), the Serve app on a free port, the shard's drift and
+safety and the controller. The script:
 
 1. **Calm history**: two days of real BTC/USD minutes of the shared multi-venue file (all
-   venues, expanded into ticks) go through the asset actor; the champion is trained on them.
+   venues, expanded into ticks) go through the market shard; the champion is trained on them.
 2. **Live replay**: the following minutes are fed one bar at a time; after each bar closes the
    drill asks the HTTP endpoint for a forecast (``POST /v1/predict``, online features), so the
    prediction stream holds one forecast per bar (two in shadow mode) for the loop to pair with

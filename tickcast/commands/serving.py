@@ -26,7 +26,7 @@ from typing import Any
 
 from tickcast.cli import add_common, print_json_line, settings_from_args
 from tickcast.config import Settings
-from tickcast.errors import ServiceUnavailable
+from tickcast.errors import NotFound, ServiceUnavailable
 
 STATE_FILE = "state.json"
 LOG_FILE = "serve.log"
@@ -125,6 +125,7 @@ def run_server(settings: Settings, stop: threading.Event, log: Any = None,
     say(f"ray {'private instance started' if conn.started else 'connected ' + conn.address}")
     feed = FeatureFeed(settings, redis_url)
     state: dict[str, Any] = {"pid": os.getpid(), "redis_started": redis_srv is not None,
+                             "redis_url": redis_url,
                              "ray_started": conn.started, "data_dir": str(settings.data_dir)}
     try:
         feed.start()
@@ -157,9 +158,30 @@ def run_server(settings: Settings, stop: threading.Event, log: Any = None,
     return {**state, "feed": feed.status()}
 
 
+def require_some_model(settings: Settings) -> None:
+    """Refuse at once, naming the command to run, when no asset has a champion model.
+
+    Serving without any model would start Redis, Ray, the shards and the app only to answer
+    503 everywhere; the user needs to train first. Assets without a model are served as soon
+    as one is registered (the replicas poll the registry), so one model is enough to start.
+    """
+    from training.registry import ModelRegistry, registry_root
+
+    registry = ModelRegistry(registry_root(settings))
+    if any(registry.aliases(a).get("champion") for a in settings.assets):
+        return
+    first = settings.assets[0] if settings.assets else "ASSET"
+    raise NotFound(
+        f"no model to serve: the registry {registry.root} has no champion for any of the "
+        f"{len(settings.assets)} configured assets; train one first: tickcast train --asset "
+        f"{first} --data-dir {settings.data_dir} (or run `make demo`)", field="model")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """``tickcast serve``."""
     settings = _settings(args)
+    if not args.daemon:
+        require_some_model(settings)
     if args.daemon:
         stop = threading.Event()
         _on_signals(stop)
