@@ -147,7 +147,7 @@ def run_size(n: int, model: tuple[Path, str, str], args: argparse.Namespace, say
     # The trained version, then shared to every other asset (hard links).
     import shutil
 
-    shutil.copytree(source.path(src_asset, version), registry.path(src_asset, version))
+    shutil.copytree(source.path(src_asset, version), registry.root / src_asset / version)
     registry.set_alias(src_asset, "champion", version)
     registry.share(src_asset, version, assets, alias="champion")
     port = free_port()
@@ -244,14 +244,26 @@ def main(argv: list[str] | None = None) -> int:
                     help="simulated minutes back-filled per asset at start (serve.feed_backfill_minutes)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true", help="keep the data dirs")
+    ap.add_argument("--model-from", default=None,
+                    help="a data dir of an earlier run (--keep) whose trained model to reuse")
     args = ap.parse_args(argv)
 
     def say(msg: str) -> None:
         print(f"[bench.scale] {msg}", file=sys.stderr, flush=True)
 
     sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()} | {args.assets})
-    work = Path(tempfile.mkdtemp(prefix="scale-model-", dir=args.workdir))
-    model = train_shared_model(work, args.trials, say)
+    if args.model_from:
+        from training.registry import ModelRegistry
+
+        reg_dir = Path(args.model_from) / "registry"
+        asset = _asset_names(1)[0]
+        version = ModelRegistry(reg_dir).aliases(asset)["champion"]
+        model = (reg_dir, asset, version)
+        say(f"model: reusing {version} from {reg_dir}")
+    else:
+        work = Path(tempfile.mkdtemp(prefix="scale-model-", dir=args.workdir))
+        model = train_shared_model(work, args.trials, say)
+        say(f"model: kept in {work} (--model-from {work} reuses it)")
     runs = [run_size(n, model, args, say) for n in sizes]
     print(json.dumps({"runs": runs, "machine": machine()}, separators=(",", ":")), flush=True)
     return 0
