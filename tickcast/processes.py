@@ -114,8 +114,8 @@ def server_data_dir(pid: int) -> Path | None:
     (``TICKCAST_DATA_DIR``), else the default ``data``; relative paths against its working dir.
     """
     args = _subcommand_args(cmdline(pid))
-    if not args or args[0] != "serve":
-        return None
+    if not args or args[0] != "serve" or "--detach" in args:
+        return None  # (a `serve --detach` only waits for the server process it spawned)
     value = _data_dir_arg(args) or _environ(pid).get("TICKCAST_DATA_DIR") or "data"
     path = Path(value)
     if not path.is_absolute():
@@ -123,7 +123,7 @@ def server_data_dir(pid: int) -> Path | None:
             path = Path(os.readlink(_PROC / str(pid) / "cwd")) / path
         except OSError:
             pass
-    return Path(os.path.normpath(path))
+    return Path(os.path.realpath(path))
 
 
 def find_servers() -> list[ServerProcess]:

@@ -304,6 +304,15 @@ def cmd_down(args: argparse.Namespace) -> int:
         summary = _stop_server(int(state["pid"]), data_dir, timeout_s)
         print_json_line({"status": "stopped", **summary})
         return 0
+    # A server process so young it has not written its state yet (it is still importing):
+    # found by its command line, stopped before it starts anything.
+    young = [s.pid for s in find_servers() if s.data_dir == data_dir]
+    if young:
+        summary = _stop_server(young[0], data_dir, timeout_s)
+        for pid in young[1:]:
+            _stop_server(pid, data_dir, timeout_s)
+        print_json_line({"status": "stopped", **summary})
+        return 0
     if state:
         # The server died without cleaning up: stop what it left (its group, its Redis).
         pid = int(state.get("pid") or 0)
