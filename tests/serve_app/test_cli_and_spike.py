@@ -104,9 +104,10 @@ def _wait_for_step(data_dir: Path, steps: tuple[str, ...], parent: subprocess.Po
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["down", "sigterm_to_server", "sigint_to_serve_detach"])
 def test_a_server_stops_cleanly_while_it_starts(how: str, tmp_path: Path, process_mark) -> None:
-    """Stopped while it creates its actors (two assets: asset, drift and safety actors): by
-    `tickcast down`, by SIGTERM to the server process, by Ctrl-C on `tickcast serve --detach`.
-    The start goes no further, and nothing it started remains."""
+    """Stopped while it creates its actors (two assets: asset, drift and safety actors) by
+    `tickcast down` or by Ctrl-C on `tickcast serve --detach`; by SIGTERM to the server process
+    once Serve's HAProxy runs, while the app deploys. The start goes no further, and nothing it
+    started remains."""
     data_dir = tmp_path / "data"
     process_mark.watch(tmp_path)  # its embedded Redis runs in data_dir/redis
     env = {k: v for k, v in os.environ.items()
@@ -119,6 +120,12 @@ def test_a_server_stops_cleanly_while_it_starts(how: str, tmp_path: Path, proces
     try:
         state = _wait_for_step(data_dir, ("feed", "closed_loop"), parent, timeout_s=600)
         server = int(state["pid"])
+        if how == "sigterm_to_server":
+            _wait_for_step(data_dir, ("app",), parent, timeout_s=600)
+            deadline = time.monotonic() + 120
+            while "haproxy" not in " ".join(argv for _, argv in process_mark.processes()):
+                assert time.monotonic() < deadline, process_mark.processes()
+                time.sleep(0.2)
         running = " ".join(argv for _, argv in process_mark.processes())
         assert "redis-server" in running and "raylet" in running, running  # the mark sees them
         # `down` for a data dir without a server names this one.
