@@ -9,15 +9,22 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from tickcast.errors import NotWritable, PortInUse
 from tickcast.preflight import port_free, require_free_port, writable_dir
-from tickcast.processes import (alive, find_servers, listeners, server_data_dir, started_at,
-                                stop_group, terminate)
+from tickcast.processes import (
+    alive,
+    find_servers,
+    listeners,
+    server_data_dir,
+    started_at,
+    stop_group,
+    terminate,
+)
 from tickcast.server_state import Phase, ServerState, is_live, read_state
 
 SLEEP = "import time; time.sleep(120)"
@@ -98,9 +105,9 @@ def test_stop_group_stops_every_member_and_terminate_kills_a_process_ignoring_si
     assert not any(alive(p) for p in members)
     assert not stop_group(leader.pid)  # nothing left in it
 
-    stubborn = spawn([sys.executable, "-c",
-                      "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                      "print('ready', flush=True); time.sleep(120)"], stdout=subprocess.PIPE)
+    ignore_sigterm = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                      "print('ready', flush=True); time.sleep(120)")
+    stubborn = spawn([sys.executable, "-c", ignore_sigterm], stdout=subprocess.PIPE)
     assert stubborn.stdout is not None and stubborn.stdout.readline() == b"ready\n"
     assert terminate(stubborn.pid, timeout_s=1.0) is True
     assert stubborn.wait(timeout=10) == -signal.SIGKILL

@@ -13,8 +13,13 @@ import pytest
 from tickcast.config import load_settings
 from tickcast.errors import RayUnavailable
 from tickcast.net import free_port
-from tickcast.ray_runtime import (_stderr_captured, address_source, explain_init_failure,
-                                  init_errors, require_reachable)
+from tickcast.ray_runtime import (
+    _stderr_captured,
+    address_source,
+    explain_init_failure,
+    init_errors,
+    require_reachable,
+)
 
 # What ray.init raised on this machine when a token cluster refused a client (Ray 2.60).
 AUTH_CAUSE = ("Failed to connect to GCS. Last connection error: Traceback ...\n"
@@ -99,10 +104,9 @@ def test_ray_init_output_is_held_and_replayed_only_on_success(capfd: pytest.Capt
         os.write(2, b"Connected to Ray cluster.\n")
     assert out == ["Connected to Ray cluster.\n"]
     assert capfd.readouterr().err == "Connected to Ray cluster.\n"
-    with pytest.raises(ValueError):
-        with _stderr_captured() as out:
-            os.write(2, b"W gcs_client.cc: retrying\n")
-            raise ValueError
+    with pytest.raises(ValueError), _stderr_captured() as out:
+        os.write(2, b"W gcs_client.cc: retrying\n")
+        raise ValueError
     assert out == ["W gcs_client.cc: retrying\n"] and capfd.readouterr().err == ""
 
 

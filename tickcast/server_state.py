@@ -91,4 +91,4 @@ class ServerState:
             self.path.unlink()
 
 
-__all__ = ["Phase", "STATE_FILE", "ServerState", "is_live", "read_state", "state_path"]
+__all__ = ["STATE_FILE", "Phase", "ServerState", "is_live", "read_state", "state_path"]

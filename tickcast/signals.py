@@ -22,8 +22,8 @@ import contextlib
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
-from typing import Iterator
 
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
 
@@ -66,7 +66,7 @@ class StopSignals:
         self._graceful = False
         self._previous: dict[signal.Signals, object] = {}
 
-    def install(self) -> "StopSignals":
+    def install(self) -> StopSignals:
         """Handle SIGINT and SIGTERM (from the main thread only, as Python requires)."""
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -132,4 +132,4 @@ def installed() -> StopSignals | None:
     return _installed
 
 
-__all__ = ["Interrupted", "STOP_SIGNALS", "StopSignals", "handled", "installed"]
+__all__ = ["STOP_SIGNALS", "Interrupted", "StopSignals", "handled", "installed"]
