@@ -35,11 +35,32 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("TICKCAST__")}
 
 
-def command(name: str, data_dir: Path, *extra: str) -> list[str]:
-    """``tickcast ingest`` (one simulated minute) or ``tickcast serve`` (one asset, a free port)."""
-    args = list(INGEST) if name == "ingest" else ["serve", "--set", "assets=[BTC-USD]",
-                                                   "--port", str(free_port())]
-    return [sys.executable, "-m", "tickcast.cli", *args, "--data-dir", str(data_dir), *extra]
+@pytest.fixture(scope="module")
+def registry(shared_data_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model registry with a BTC-USD champion (`tickcast serve` refuses to start without any),
+    trained quickly on real bars; outside every data dir the tests make unwritable."""
+    from serve_app import model_kit as mk
+    from tickcast.config import load_settings
+    from training.registry import ModelRegistry
+
+    root = tmp_path_factory.mktemp("registry")
+    settings = load_settings(overrides=[f"data_dir={root}"])
+    model = mk.train_quick_model(settings, mk.venue_bars(shared_data_file, limit=3000), rounds=10)
+    mk.register_model(ModelRegistry(root), "BTC-USD", model)
+    return root
+
+
+@pytest.fixture
+def command(registry: Path):
+    """``tickcast ingest`` (one simulated minute) or ``tickcast serve`` (one asset with a model,
+    a free port), as argv."""
+    def argv(name: str, data_dir: Path, *extra: str) -> list[str]:
+        args = list(INGEST) if name == "ingest" else [
+            "serve", "--set", "assets=[BTC-USD]", "--set", f"model.registry_dir={registry}",
+            "--port", str(free_port())]
+        return [sys.executable, "-m", "tickcast.cli", *args, "--data-dir", str(data_dir), *extra]
+
+    return argv
 
 
 def run(argv: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -63,7 +84,7 @@ def redis_was_started(data_dir: Path) -> None:
 # -- failures before anything starts -------------------------------------------------------------
 
 @pytest.mark.parametrize("name", COMMANDS)
-def test_redis_unreachable(name: str, tmp_path: Path, process_mark) -> None:
+def test_redis_unreachable(name: str, tmp_path: Path, process_mark, command) -> None:
     process_mark.watch(tmp_path)
     port = free_port()
     env = process_mark.env({**clean_env(), "REDIS_URL": f"redis://:secret@127.0.0.1:{port}/0",
@@ -78,7 +99,7 @@ def test_redis_unreachable(name: str, tmp_path: Path, process_mark) -> None:
     ("serve", "--port", "--port"),  # serve.port, before a private Ray would start Serve on it
     ("ingest", "redis.embedded_port", "redis.embedded_port=0"),
 ])
-def test_port_in_use(name: str, flag: str, option: str, tmp_path: Path, process_mark) -> None:
+def test_port_in_use(name: str, flag: str, option: str, tmp_path: Path, process_mark, command) -> None:
     process_mark.watch(tmp_path)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -123,7 +144,7 @@ def _writable(path: Path) -> bool:
 
 
 @pytest.mark.parametrize("name", COMMANDS)
-def test_data_dir_not_writable(name: str, unwritable_dir: Path, process_mark) -> None:
+def test_data_dir_not_writable(name: str, unwritable_dir: Path, process_mark, command) -> None:
     process_mark.watch(unwritable_dir)
     env = process_mark.env({**clean_env(), "TICKCAST__INGEST__RAY_ADDRESS": "local"})
     data_dir = unwritable_dir / "data" if name == "ingest" else unwritable_dir  # absent, or there
@@ -144,7 +165,8 @@ def test_down_without_a_server_names_the_data_dir(tmp_path: Path) -> None:
 
 @pytest.mark.ray
 @pytest.mark.parametrize("name", COMMANDS)
-def test_ray_unreachable_stops_the_redis_it_started(name: str, tmp_path: Path, process_mark) -> None:
+def test_ray_unreachable_stops_the_redis_it_started(name: str, tmp_path: Path, process_mark,
+                                                    command) -> None:
     process_mark.watch(tmp_path)
     port = free_port()
     env = process_mark.env({**clean_env(), "RAY_ADDRESS": f"127.0.0.1:{port}"})
@@ -219,7 +241,7 @@ def _stop_group(pgid: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name, token", [("ingest", None), ("serve", "0" * 32)])
 def test_ray_refusing_authentication(name: str, token: str | None, token_cluster: Path,
-                                     tmp_path: Path, process_mark) -> None:
+                                     tmp_path: Path, process_mark, command) -> None:
     """The cluster `ray start` recorded refuses this shell: no token (ingest), a wrong one
     (serve). Ray retries for ~20 s by default; RAY_gcs_server_port_wait_time_s shortens that
     to 3 attempts here, which changes nothing in what is refused or reported."""

@@ -6,8 +6,9 @@ that died left behind (its process group, an embedded Redis). Each write replace
 atomically: a reader never sees half of one.
 
 Fields: ``pid``, ``data_dir``, ``started_ns``, ``phase`` (:class:`Phase`), ``step`` (what it
-is starting), ``redis_started``, ``ray_started``, ``session_leader`` (detached: its process
-group holds only what it started), and, once serving, ``url``.
+is starting), ``redis_started``, ``redis_url`` (``tickcast shards`` reads the live mapping
+there), ``ray_started``, ``session_leader`` (detached: its process group holds only what it
+started), and, once serving, ``url``.
 """
 
 from __future__ import annotations

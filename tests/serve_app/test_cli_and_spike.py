@@ -103,12 +103,14 @@ def _wait_for_step(data_dir: Path, steps: tuple[str, ...], parent: subprocess.Po
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["down", "sigterm_to_server", "sigint_to_serve_detach"])
-def test_a_server_stops_cleanly_while_it_starts(how: str, tmp_path: Path, process_mark) -> None:
-    """Stopped while it creates its actors (two assets: asset, drift and safety actors) by
-    `tickcast down` or by Ctrl-C on `tickcast serve --detach`; by SIGTERM to the server process
-    once Serve's HAProxy runs, while the app deploys. The start goes no further, and nothing it
-    started remains."""
+def test_a_server_stops_cleanly_while_it_starts(how: str, tmp_path: Path, trained_models,
+                                                process_mark) -> None:
+    """Stopped while it creates its market shards by `tickcast down` or by Ctrl-C on
+    `tickcast serve --detach`; by SIGTERM to the server process once Serve's HAProxy runs,
+    while the app deploys. The start goes no further, and nothing it started remains."""
     data_dir = tmp_path / "data"
+    settings = load_settings(overrides=[f"data_dir={data_dir}"])
+    mk.register_model(ModelRegistry(registry_root(settings)), "BTC-USD", trained_models[0])
     process_mark.watch(tmp_path)  # its embedded Redis runs in data_dir/redis
     env = {k: v for k, v in os.environ.items()
            if k not in ("TICKCAST_ADMIN_TOKEN", "REDIS_URL", "RAY_ADDRESS")}
