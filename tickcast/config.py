@@ -48,6 +48,7 @@ class IngestConfig(Section):
     # None: join the cluster in RAY_ADDRESS or the one `ray start` recorded, else start a
     # private local Ray; "local": always private; anything else: that cluster address.
     ray_address: str | None = None
+    ray_connect_timeout_s: float = Field(10.0, gt=0)  # a cluster's port must accept TCP by then
     keep_tick_status: bool = False  # audit mode: actors keep (provider, seq, status) per tick
     xadd_pipeline_entries: int = Field(32, ge=1)  # stream entries per Redis round trip (driver)
     actor_max_concurrency: int = Field(8, ge=2)  # asset actor threads: consumer + queries
@@ -288,6 +289,7 @@ class ServeConfig(Section):
     feed_backfill_minutes: float = Field(90.0, ge=0)
     feed_seed: int = 7
     ready_timeout_s: float = Field(300.0, gt=0)
+    stop_timeout_s: float = Field(120.0, gt=0)  # a stopping server's clean-up, then SIGKILL
 
 
 class DriftConfig(Section):
