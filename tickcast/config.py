@@ -81,6 +81,26 @@ class OutlierConfig(Section):
     level_window: int = Field(5, ge=1)  # ticks in each provider's robust (median) level
     dispersion_halflife_ticks: float = Field(200.0, gt=0)
     majority_min: int = Field(3, ge=2)  # fresh levels from which their median alone decides
+    # With fewer fresh levels a provider's own level can confirm its own move (re-anchor after
+    # a few ticks) only when that move, from the price of its last accepted tick, is plausible:
+    # at most max(reanchor_max_bp, reanchor_vol_k x its recent 1-minute volatility). A larger
+    # move must first persist for reanchor_persist_s, or be confirmed by another provider.
+    reanchor_max_bp: float = Field(1000.0, gt=0)
+    reanchor_vol_k: float = Field(10.0, ge=0)
+    reanchor_persist_s: float = Field(300.0, ge=0)
+    # Volatility: EWMA over the accepted ticks judged by fewer than majority_min levels of
+    # r^2 / max(dt, reanchor_vol_min_dt_s), a variance per second (below the floor, price
+    # changes are microstructure noise, not volatility).
+    reanchor_vol_halflife_ticks: float = Field(500.0, gt=0)
+    reanchor_vol_min_dt_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _reanchor_above_band(self) -> "OutlierConfig":
+        # A move inside the band never needs re-anchoring; a plausibility cap below it would
+        # hold back moves the band accepts.
+        if self.reanchor_max_bp < self.band_bp:
+            raise ValueError("reanchor_max_bp must be >= band_bp")
+        return self
 
 
 class ConsensusConfig(Section):
