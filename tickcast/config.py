@@ -114,6 +114,9 @@ class ConsensusConfig(Section):
     frozen_dispersion_k: float = Field(2.0, ge=0)
     reliability_alpha: float = Field(0.02, gt=0, le=1)  # EWMA step of provider reliability
     min_reliability: float = Field(0.2, ge=0, le=1)  # below: provider excluded from consensus
+    # Above it, a provider's votes weigh its reliability ("reliability": weighted median) or
+    # count alike ("equal": the plain median of the providers left in).
+    weighting: Literal["reliability", "equal"] = "reliability"
 
 
 class BarConfig(Section):

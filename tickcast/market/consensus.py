@@ -64,8 +64,8 @@ _BP = 1e4
 _NEUTRAL = (TickStatus.DUPLICATE, TickStatus.LATE, TickStatus.UNKNOWN_ASSET)
 
 
-def aggregate_votes(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Median and Pyth confidence of each row of ``votes`` (NaN = no vote).
+def aggregate_votes(votes: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Median and Pyth confidence of each row of ``votes`` (NaN = no vote), optionally weighted.
 
     As in Pyth's price model, with ``k`` votes sorted ``s``: the aggregate is the median (the
     mean of the two middle votes when ``k`` is even), ``q25 = s[k // 4]``,
@@ -73,17 +73,62 @@ def aggregate_votes(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     with confidence ``c`` gives back its price and ``c``. Order statistics are monotone in every
     vote. Rows without any vote give NaN.
 
+    With ``weights`` (same shape; a weight <= 0 or NaN removes the vote), a vote ``s_i`` owns
+    the slice ``(C_{i-1}, C_i]`` of the total weight ``W`` (``C`` cumulative in sorted order).
+    The median is the mean of the votes over the central band of width ``W / k`` (one vote's
+    share at equal weights), each vote counted by how much of its slice lies in the band:
+    the weighted quantile function averaged over ``[1/2 - 1/(2k), 1/2 + 1/(2k)]``. ``q25`` is
+    the first vote with ``C_i > W / 4`` and ``q75`` the last with ``C_i - w_i < 3 W / 4``.
+    With equal weights these are exactly the unweighted statistics (such rows take the
+    unweighted path, bit for bit). The weighted median is non-decreasing and continuous in every
+    vote (an average of weighted quantiles, each monotone), so high >= open, close >= low still
+    holds for bars, and continuous in the weights: a slightly less reliable provider moves it
+    slightly, it never snaps to another vote.
+
     Parameters
     ----------
     votes
         ``(rows, votes)`` array.
+    weights
+        Optional ``(rows, votes)`` array of non-negative weights.
 
     Returns
     -------
     (numpy.ndarray, numpy.ndarray)
         Aggregate and confidence per row.
+
+    Examples
+    --------
+    >>> med, conf = aggregate_votes(np.array([[100.0, 101.0, 102.0, 103.0]]),
+    ...                             np.array([[1.0, 1.0, 1.0, 1.0]]))
+    >>> float(med[0]), float(conf[0])
+    (101.5, 0.5)
+    >>> med, conf = aggregate_votes(np.array([[100.0, 101.0, 102.0, 103.0]]),
+    ...                             np.array([[1.0, 1.0, 1.0, 0.5]]))
+    >>> round(float(med[0]), 4), round(float(conf[0]), 4)
+    (101.2143, 1.2143)
     """
-    v = np.sort(np.asarray(votes, dtype=np.float64), axis=1)  # NaN sorts last
+    v = np.asarray(votes, dtype=np.float64)
+    if weights is None:
+        return _aggregate_equal(v)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != v.shape:
+        raise ValueError(f"weights have shape {w.shape}, votes {v.shape}")
+    valid = ~np.isnan(v) & (w > 0)  # NaN weights compare False: removed
+    v = np.where(valid, v, np.nan)
+    med, conf = _aggregate_equal(v)
+    wv = np.where(valid, w, 0.0)
+    top = wv.max(axis=1) if wv.shape[1] else np.zeros(len(wv))
+    unequal = (valid & (wv != top[:, None])).any(axis=1)
+    rows = np.flatnonzero(unequal)
+    if len(rows):
+        med[rows], conf[rows] = _aggregate_weighted(v[rows], wv[rows] / top[rows, None])
+    return med, conf
+
+
+def _aggregate_equal(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unweighted :func:`aggregate_votes`."""
+    v = np.sort(v, axis=1)  # NaN sorts last
     m, width = v.shape
     k = width - np.isnan(v).sum(axis=1)
     rows = np.arange(m)
@@ -99,7 +144,28 @@ def aggregate_votes(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return med, conf
 
 
-def pyth_aggregate(prices: np.ndarray | list[float], confs: np.ndarray | list[float]) -> tuple:
+def _aggregate_weighted(v: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted median and confidence of rows with at least one vote (``w`` 0 where none)."""
+    order = np.argsort(v, axis=1, kind="stable")  # NaN (no vote, weight 0) last
+    s = np.take_along_axis(v, order, axis=1)
+    ws = np.take_along_axis(w, order, axis=1)
+    valid = ws > 0
+    c = np.cumsum(ws, axis=1)
+    total = c[:, -1:]
+    k = valid.sum(axis=1, keepdims=True)
+    half_band = total / (2.0 * k)
+    lo, hi = 0.5 * total - half_band, 0.5 * total + half_band
+    overlap = np.clip(np.minimum(c, hi) - np.maximum(c - ws, lo), 0.0, None)
+    overlap[~valid] = 0.0
+    med = (np.where(valid, s, 0.0) * overlap).sum(axis=1) / overlap.sum(axis=1)
+    rows = np.arange(len(v))
+    q25 = s[rows, (valid & (c <= 0.25 * total)).sum(axis=1)]
+    q75 = s[rows, (valid & (c - ws < 0.75 * total)).sum(axis=1) - 1]
+    return med, np.maximum(med - q25, q75 - med)
+
+
+def pyth_aggregate(prices: np.ndarray | list[float], confs: np.ndarray | list[float],
+                   weights: np.ndarray | list[float] | None = None) -> tuple:
     """Pyth-style aggregate of provider prices with confidences.
 
     Parameters
@@ -109,6 +175,9 @@ def pyth_aggregate(prices: np.ndarray | list[float], confs: np.ndarray | list[fl
         NaN = provider does not vote.
     confs
         Confidence per price (e.g. half the bid/ask spread); NaN is read as 0.
+    weights
+        Optional weight per price (e.g. the provider's reliability): each of its three votes
+        carries it (see :func:`aggregate_votes`). ``None``: equal weights.
 
     Returns
     -------
@@ -126,7 +195,11 @@ def pyth_aggregate(prices: np.ndarray | list[float], confs: np.ndarray | list[fl
     c = np.nan_to_num(np.broadcast_to(np.asarray(confs, dtype=np.float64), p.shape), nan=0.0)
     one = p.ndim == 1
     p2, c2 = np.atleast_2d(p), np.atleast_2d(c)
-    agg, conf = aggregate_votes(np.concatenate([p2 - c2, p2, p2 + c2], axis=1))
+    w3 = None
+    if weights is not None:
+        w2 = np.atleast_2d(np.broadcast_to(np.asarray(weights, dtype=np.float64), p.shape))
+        w3 = np.concatenate([w2, w2, w2], axis=1)
+    agg, conf = aggregate_votes(np.concatenate([p2 - c2, p2, p2 + c2], axis=1), w3)
     if one:
         return float(agg[0]), float(conf[0])
     return agg, conf
