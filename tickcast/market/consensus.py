@@ -157,8 +157,12 @@ def _aggregate_weighted(v: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.nd
     lo, hi = 0.5 * total - half_band, 0.5 * total + half_band
     overlap = np.clip(np.minimum(c, hi) - np.maximum(c - ws, lo), 0.0, None)
     overlap[~valid] = 0.0
-    med = (np.where(valid, s, 0.0) * overlap).sum(axis=1) / overlap.sum(axis=1)
     rows = np.arange(len(v))
+    # Offsets from the first vote in the band, so that a band inside one value (or several
+    # equal votes) gives that value exactly.
+    first = s[rows, np.argmax(overlap > 0, axis=1)]
+    dev = np.where(valid, s - first[:, None], 0.0)
+    med = first + (dev * overlap).sum(axis=1) / overlap.sum(axis=1)
     q25 = s[rows, (valid & (c <= 0.25 * total)).sum(axis=1)]
     q75 = s[rows, (valid & (c - ws < 0.75 * total)).sum(axis=1) - 1]
     return med, np.maximum(med - q25, q75 - med)
