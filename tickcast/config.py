@@ -125,14 +125,26 @@ class BarConfig(Section):
 
 
 class GapConfig(Section):
+    # By duration: ffill up to ffill_max_minutes; MICE from mice_min_minutes to
+    # mice_max_minutes where other providers' series allow it; else linear interpolation up to
+    # interp_max_minutes; else recovery from one other provider; else excluded.
     ffill_max_minutes: int = Field(2, ge=0)
     interp_max_minutes: int = Field(10, ge=0)
     provider_recovery: bool = True
+    mice_min_minutes: int = Field(3, ge=1)
+    mice_max_minutes: int = Field(720, ge=0)  # 0: MICE off
+    mice_context_minutes: int = Field(240, ge=1)  # fitted on this much on each side of the gap
+    mice_min_rows: int = Field(30, ge=2)  # fewest minutes where series and a predictor both quote
+    mice_imputations: int = Field(5, ge=1)
+    mice_max_iter: int = Field(10, ge=1)
+    mice_seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> "GapConfig":
         if self.interp_max_minutes < self.ffill_max_minutes:
             raise ValueError("interp_max_minutes must be >= ffill_max_minutes")
+        if self.mice_max_minutes and self.mice_max_minutes < self.mice_min_minutes:
+            raise ValueError("mice_max_minutes must be 0 (off) or >= mice_min_minutes")
         return self
 
 
