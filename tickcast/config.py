@@ -161,6 +161,41 @@ class BreakerConfig(Section):
     half_open_probes: int = Field(3, ge=1)
 
 
+class RegimeConfig(Section):
+    """Volatility regimes of one simulated asset (all off by default: a plain GBM).
+
+    The mid's volatility is ``annual_vol x sqrt(g) x m``: ``g`` a GARCH(1,1) multiplier updated
+    every ``garch_step_s`` from the step's standardized return (``g' = 1 - a - b + a e^2 + b g``,
+    mean 1), ``m`` the multiplier of a spike (``spike_multiplier``) or a calm stretch
+    (``calm_multiplier``), episodes starting at Poisson rates and lasting U[lo, hi] minutes.
+    """
+
+    garch_alpha: float = Field(0.0, ge=0, lt=1)
+    garch_beta: float = Field(0.0, ge=0, lt=1)
+    garch_step_s: float = Field(60.0, gt=0)
+    spike_rate_per_hour: float = Field(0.0, ge=0)
+    spike_multiplier: float = Field(4.0, ge=1)
+    spike_minutes: tuple[float, float] = (10.0, 30.0)
+    calm_rate_per_hour: float = Field(0.0, ge=0)
+    calm_multiplier: float = Field(0.3, gt=0, le=1)
+    calm_minutes: tuple[float, float] = (30.0, 90.0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "RegimeConfig":
+        if self.garch_alpha + self.garch_beta >= 1:
+            raise ValueError("garch_alpha + garch_beta must be < 1 (a stationary variance)")
+        for name in ("spike_minutes", "calm_minutes"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name} must satisfy 0 < lo <= hi")
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether any regime process is on."""
+        return self.garch_alpha > 0 or self.spike_rate_per_hour > 0 or self.calm_rate_per_hour > 0
+
+
 class SimulatorConfig(Section):
     providers: tuple[str, ...] = ("alpha", "bravo", "charlie", "delta")
     ticks_per_provider_per_s: float = Field(2.0, gt=0)
@@ -188,6 +223,9 @@ class SimulatorConfig(Section):
     duplicate_delay_s: float = Field(2.0, gt=0)  # a re-send arrives up to this after the original
     out_of_order_max_s: float = Field(20.0, gt=0)  # + batch_s must stay < bars.allowed_lateness_s
     late_extra_s: tuple[float, float] = (5.0, 60.0)  # late = lateness + batch_s + U[lo, hi] s
+    # Volatility regimes per asset (GARCH clustering, spikes, calm stretches); an asset without
+    # an entry follows a plain GBM at annual_vol.
+    regimes: dict[str, RegimeConfig] = {}
 
     @model_validator(mode="after")
     def _anomalies(self) -> "SimulatorConfig":
@@ -206,6 +244,9 @@ class SimulatorConfig(Section):
         lo, hi = self.late_extra_s
         if not 0 <= lo <= hi:
             raise ValueError("late_extra_s must satisfy 0 <= lo <= hi")
+        unknown = sorted(set(self.regimes) - set(self.start_prices))
+        if unknown:
+            raise ValueError(f"regimes has asset(s) {unknown} without a start price")
         return self
 
 
