@@ -329,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.live_minutes, args.late, args.writers, args.writer_minutes) < 1:
         print("error: --live-minutes, --late, --writers and --writer-minutes must be >= 1", file=sys.stderr)
         return 2
+    load_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     base = args.dir or Path(tempfile.gettempdir())
     base.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="tickcast-bench-storage-", dir=base))
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         import pyarrow
 
         out["machine"] = machine(pyarrow=pyarrow.__version__, sqlite=sqlite3.sqlite_version,
-                                 filesystem_dir=str(base))
+                                 filesystem_dir=str(base), load_avg_1m_start=load_start)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps(out, separators=(",", ":")), flush=True)
