@@ -110,7 +110,7 @@ def _errors(close: pd.Series, ref: pd.Series) -> dict[str, float]:
     err = np.abs(close.loc[both].to_numpy() / ref.loc[both].to_numpy() - 1.0) * 1e4
     if not len(err):
         return {"minutes": 0}
-    return {"minutes": int(len(err)), "median_bp": round(float(np.median(err)), 4),
+    return {"minutes": len(err), "median_bp": round(float(np.median(err)), 4),
             "p99_bp": round(float(np.quantile(err, 0.99)), 4), "max_bp": round(float(err.max()), 4),
             "mean_bp": round(float(err.mean()), 4)}
 
@@ -130,14 +130,14 @@ def compare(bars: pd.DataFrame, asset: str, ref: pd.Series | None,
     for w in WEIGHTINGS:
         cons, low, seconds = run_pipeline(bars, asset, w, corrupt)
         closes[w] = cons["close"]
-        out[w] = {"bars": int(len(cons)), "seconds": round(seconds, 2)}
+        out[w] = {"bars": len(cons), "seconds": round(seconds, 2)}
         if ref is not None:
             out[w]["vs_reference"] = _errors(cons["close"], ref)
         out["lowest_reliability"] = low
     both = closes["reliability"].index.intersection(closes["equal"].index)
     diff = np.abs(closes["reliability"].loc[both] / closes["equal"].loc[both] - 1.0).to_numpy() * 1e4
     out["weighted_vs_equal"] = {
-        "minutes": int(len(both)), "minutes_different": int((diff > 0).sum()),
+        "minutes": len(both), "minutes_different": int((diff > 0).sum()),
         "max_bp": round(float(diff.max()), 4) if len(diff) else 0.0,
         "p99_bp": round(float(np.quantile(diff, 0.99)), 4) if len(diff) else 0.0,
     }

@@ -118,7 +118,7 @@ def measure(path: Path, lengths: tuple[int, ...], per_length: int, seed: int) ->
                 gaps_done[L] += 1
                 for name, policy in policies.items():
                     t0 = time.perf_counter()
-                    filled, audit = policy.fill(series, NS_PER_MIN, alts)
+                    filled, _ = policy.fill(series, NS_PER_MIN, alts)
                     seconds[name] += time.perf_counter() - t0
                     f = filled.set_index(filled["ts"] // NS_PER_MIN)
                     got = f.reindex(truth.index)
@@ -133,7 +133,7 @@ def measure(path: Path, lengths: tuple[int, ...], per_length: int, seed: int) ->
     for (name, L), parts in sorted(errors.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         e = np.concatenate(parts) if parts else np.empty(0)
         row: dict[str, Any] = {
-            "gaps": gaps_done[L], "minutes_cut": cut[(name, L)], "minutes_filled": int(len(e)),
+            "gaps": gaps_done[L], "minutes_cut": cut[(name, L)], "minutes_filled": len(e),
             "coverage": round(len(e) / cut[(name, L)], 4) if cut[(name, L)] else None,
             "median_bp": round(float(np.median(e)), 3) if len(e) else None,
             "p90_bp": round(float(np.quantile(e, 0.9)), 3) if len(e) else None,

@@ -42,8 +42,9 @@ import sqlite3
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -84,7 +85,7 @@ def real_bars(path: Path) -> dict[str, pd.DataFrame]:
 def _stats_ms(seconds: list[float]) -> dict[str, float]:
     a = np.asarray(seconds) * 1e3
     return {"p50_ms": round(float(np.median(a)), 3), "p99_ms": round(float(np.quantile(a, 0.99)), 3),
-            "max_ms": round(float(a.max()), 3), "n": int(len(a))}
+            "max_ms": round(float(a.max()), 3), "n": len(a)}
 
 
 def _minutes_of_day(bars: dict[str, pd.DataFrame], minutes: int) -> list[dict[str, pd.DataFrame]]:

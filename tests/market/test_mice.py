@@ -80,6 +80,7 @@ def test_predictors_with_holes_of_their_own_still_fill_the_gap() -> None:
     alts = {"a": bars(minutes[a_keep], v["a"][a_keep]), "b": bars(minutes[b_keep], v["b"][b_keep])}
     filled, audit = POLICY.fill(series, M, alts)
     gap = filled.iloc[300:340]
+    assert audit["method"].tolist() == ["mice"]
     assert (gap["imputed"] == "mice").all() and (gap["providers"] == 1).all()
     assert np.median(err_bp(gap["close"], v["target"][300:340])) < 2.5
 

@@ -9,7 +9,12 @@ import pandas as pd
 import pytest
 
 from tickcast.config import RegimeConfig, SimulatorConfig, load_settings
-from tickcast.sources.simulator import REGIMES, SECONDS_PER_YEAR, MarketSimulator, VolRegime
+from tickcast.sources.simulator import (
+    REGIMES,
+    SECONDS_PER_YEAR,
+    MarketSimulator,
+    VolRegime,
+)
 from tickcast.ticks import NS_PER_MIN, NS_PER_S, TickBatch
 
 ASSET = "BTC-USD"

@@ -528,7 +528,7 @@ class ConsensusBook:
         cfg = self.outliers
         alpha = 1.0 - 0.5 ** (1.0 / cfg.reanchor_vol_halflife_ticks)
         min_dt = cfg.reanchor_vol_min_dt_s * NS_PER_S
-        persist = int(round(cfg.reanchor_persist_s * NS_PER_S))
+        persist = round(cfg.reanchor_persist_s * NS_PER_S)
         lone = k < cfg.majority_min
         judged = k >= 1
         any_lone = bool(lone.any())

@@ -45,14 +45,20 @@ order (as over one TCP connection), except the injected out-of-order and late on
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
 
-from tickcast.config import BarConfig, ConsensusConfig, RegimeConfig, Settings, SimulatorConfig
+from tickcast.config import (
+    BarConfig,
+    ConsensusConfig,
+    RegimeConfig,
+    Settings,
+    SimulatorConfig,
+)
 from tickcast.errors import TickStatus
 from tickcast.ticks import NS_PER_MIN, NS_PER_S, TickBatch
 
