@@ -2,7 +2,8 @@
 
 * :class:`DriftTracker` -- the champion's :class:`~tickcast.monitoring.drift.DriftMonitor` fed
   with the features published at each bar close, the champion's logged forecasts (prediction
-  drift) and, once the next bar has closed, the realized returns (performance drift).
+  drift) and, once the next bar has closed, the realized returns (label, concept and
+  performance drift).
 * :class:`SafetyTracker` -- :class:`~tickcast.monitoring.safety.SafetyState` fed once per bar
   close, in bar order, with the champion's forecast for the next bar.
 
@@ -57,10 +58,10 @@ class DriftTracker:
     >>> mon = DriftMonitor(DriftConfig(window=50, min_window=20, eval_every=10), ref)
     >>> tr = DriftTracker("X", "v1", mon, horizon=1, freq_ns=60)
     >>> rows = [(60 * i, ("b", "a"), rng.normal(size=2) + 3.0) for i in range(40)]
-    >>> [e["type"] for e in tr.on_features(rows)][-2:]
-    ['drift_level', 'drift_retrain']
-    >>> tr.level, tr.counts["features"]
-    ('CRITICAL', 40)
+    >>> [e["type"] for e in tr.on_features(rows)][-3:]
+    ['drift_level', 'drift_retrain', 'drift_kind']
+    >>> tr.level, tr.counts["features"], tr.status()["drift_kind"]
+    ('CRITICAL', 40, 'covariate')
     """
 
     def __init__(self, asset: str, champion: str, monitor: DriftMonitor, *, horizon: int,
@@ -155,14 +156,16 @@ class DriftTracker:
         return self.join.needed_range()
 
     def on_closes(self, ts: ArrayLike, close: ArrayLike) -> list[dict[str, Any]]:
-        """Bar closes from the bar store: realized returns of pending forecasts (performance)."""
+        """Bar closes from the bar store: realized returns of pending forecasts.
+
+        They feed label drift (P(Y)), concept drift (P(Y|X), the forecasts' standardized
+        residuals) and, when the model has validation figures, performance drift.
+        """
         self.join.add_closes(ts, close)
         if not self.join.settle():
             return []
         y, f, _ = self.join.take()
         self.counts["labels"] += len(y)
-        if self.monitor.performance is None:
-            return []
         return self.monitor.update_outcomes(f[:, 0, :], y)
 
     def status(self) -> dict[str, Any]:
@@ -173,6 +176,9 @@ class DriftTracker:
                 "feature_score": None if rep is None else rep.feature_score,
                 "prediction_score": None if rep is None else rep.prediction_score,
                 "performance_score": None if rep is None else rep.performance_score,
+                "label_score": None if rep is None else rep.label_score,
+                "concept_score": None if rep is None else rep.concept_score,
+                "drift_kind": "none" if rep is None else rep.drift_kind.value,
                 "drifted_features": [] if rep is None else list(rep.drifted_features),
                 "last_feature_bar": self.last_feature_bar, "counts": dict(self.counts),
                 "rejected": dict(self.rejected), "labels_pending": self.join.pending,
