@@ -392,6 +392,16 @@ class SafetyConfig(Section):
     # signal's paper equity (traded without the halt) is back at or below this level.
     halt_resume_drawdown: float = Field(0.025, ge=0, lt=1)
     sizing: Literal["sign", "interval"] = "sign"  # interval: median / half interval, clipped to 1
+    # Deadband: the paper accounts hold a position only while the forecast's edge beats its
+    # cost, |median| > model.fee_bp + half_spread_bp; otherwise they are flat. The market's
+    # bid/ask is not known here: half_spread_bp is the half spread assumed (BTC-USD on a major
+    # venue quotes about 0.1-1 bp; 1 bp leaves room for slippage). deadband: false trades
+    # every forecast's sign (the behaviour before; for comparison, see bench.safety_days).
+    deadband: bool = True
+    half_spread_bp: float = Field(1.0, ge=0)
+    # The user's own book (tickcast/monitoring/book.py): largest |position| accepted, as a
+    # multiple of the book's equity.
+    book_max_abs_position: float = Field(10.0, gt=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> "SafetyConfig":

@@ -99,7 +99,7 @@ def _halt_cfg(**kw) -> SafetyConfig:
 def test_halt_on_drawdown_and_resume_after_recovery_bars_and_recovered_drawdown() -> None:
     state = SafetyState(_halt_cfg(), fee_bp=0.0)
     closes = 100 * np.r_[1.0, 0.99 ** np.arange(1, 7), 0.99 ** 6 * 1.01 ** np.arange(1, 15)]
-    statuses = [state.update(c, forecast=1e-4) for c in closes]  # always long
+    statuses = [state.update(c, forecast=5e-4) for c in closes]  # always long (5 bp: beyond the 1 bp fee + 1 bp half spread)
     halts = [(s.bar, e) for s in statuses for e in s.events if e["type"] == "halt"]
     assert len(halts) == 1 and halts[0][0] == 7  # six 1 % losses: drawdown 5.85 % > 5 %
     ev = halts[0][1]
@@ -121,7 +121,7 @@ def test_halt_persists_until_the_drawdown_recovers() -> None:
     state = SafetyState(_halt_cfg(), fee_bp=0.0)
     # Lose 7 %, then drift flat for 20 bars: recovery bars pass but the drawdown does not.
     closes = 100 * np.r_[1.0, 0.93, np.full(20, 0.93), 0.93 * 1.01 ** np.arange(1, 9)]
-    statuses = [state.update(c, forecast=1e-4) for c in closes]
+    statuses = [state.update(c, forecast=5e-4) for c in closes]
     assert statuses[1].halted and all(s.halted for s in statuses[1:26])
     first_ok = next(i for i, s in enumerate(statuses) if not s.halted and i > 1)
     assert statuses[first_ok].drawdown <= 0.02
@@ -131,10 +131,10 @@ def test_halt_persists_until_the_drawdown_recovers() -> None:
 def test_wide_interval_cuts_exposure_and_logs_both_switches() -> None:
     cfg = SafetyConfig()
     state = SafetyState(cfg, fee_bp=0.0)
-    s1 = state.update(100.0, forecast=1e-4, interval_bp=30.0)
-    s2 = state.update(100.1, forecast=1e-4, interval_bp=80.0)
-    s3 = state.update(100.2, forecast=1e-4, interval_bp=90.0)
-    s4 = state.update(100.3, forecast=1e-4, interval_bp=20.0)
+    s1 = state.update(100.0, forecast=5e-4, interval_bp=30.0)
+    s2 = state.update(100.1, forecast=5e-4, interval_bp=80.0)
+    s3 = state.update(100.2, forecast=5e-4, interval_bp=90.0)
+    s4 = state.update(100.3, forecast=5e-4, interval_bp=20.0)
     assert [s.multiplier for s in (s1, s2, s3, s4)] == [1.0, 0.5, 0.5, 1.0]
     assert s1.events == () and s3.events == ()
     (on,), (off,) = s2.events, s4.events
@@ -152,7 +152,7 @@ def test_interval_sizing_and_no_forecast_is_flat() -> None:
 
 def test_bad_inputs_name_the_field_and_leave_the_state_unchanged() -> None:
     state = SafetyState(SafetyConfig())
-    state.update(100.0, forecast=1e-4)
+    state.update(100.0, forecast=5e-4)
     before = pickle.dumps(state)
     for kwargs, field in (({"bar_close": 0.0}, "bar_close"), ({"bar_close": -5}, "bar_close"),
                           ({"bar_close": float("nan")}, "bar_close"), ({"bar_close": "x"}, "bar_close"),
@@ -167,13 +167,13 @@ def test_bad_inputs_name_the_field_and_leave_the_state_unchanged() -> None:
 
 def test_reset_pnl_lifts_a_halt_and_keeps_the_regime() -> None:
     state = SafetyState(_halt_cfg(), fee_bp=0.0)
-    state.update(100.0, forecast=1e-4)
-    assert state.update(90.0, forecast=1e-4).halted
+    state.update(100.0, forecast=5e-4)
+    assert state.update(90.0, forecast=5e-4).halted
     status = state.reset_pnl("promoted v7", ts=123)
     assert not status.halted and status.multiplier == 1.0 and status.equity == 1.0
     (ev,) = status.events
     assert ev["type"] == "pnl_reset" and ev["was_halted"] and ev["reason"] == "promoted v7"
-    assert not state.update(89.0, forecast=1e-4).halted  # fresh peak: 0 % drawdown on entry
+    assert not state.update(89.0, forecast=5e-4).halted  # fresh peak: 0 % drawdown on entry
 
 
 def test_status_fields_for_redis_and_json() -> None:
@@ -194,7 +194,9 @@ def test_managed_equity_matches_vectorized_paper_returns() -> None:
                 for c, f, w in zip(_closes(returns), forecasts, widths)]
     positions = np.array([s.position for s in statuses])
     assert not any(s.halted for s in statuses)
-    assert set(np.abs(positions).round(6)) <= {0.1, 0.2, 0.25, 0.5, 1.0}
+    assert set(np.abs(positions).round(6)) <= {0.0, 0.1, 0.2, 0.25, 0.5, 1.0}
+    # Flat exactly where the edge does not beat the cost (1.5 bp fee + 1 bp half spread).
+    np.testing.assert_array_equal(positions == 0.0, np.abs(forecasts) <= 2.5e-4)
     simple = np.expm1(returns)
     net = paper_returns(positions[:-1], simple, fee_bp=1.5)
     final_fee = 1 - abs(positions[-1] - positions[-2]) * 1.5e-4
