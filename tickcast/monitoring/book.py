@@ -231,6 +231,11 @@ class BookUpdateMessage(BaseModel):
         return BookUpdate(self.asset, self.ts, BookKind.PNL, self.pnl, self.capital)
 
 
+# The field at fault of the checks that look at several fields (no location of their own).
+_REASON_FIELDS = {BookRejection.ASSET_MISMATCH: "asset", BookRejection.POSITION_AND_PNL: "pnl",
+                  BookRejection.NO_POSITION_OR_PNL: "position",
+                  BookRejection.POSITION_OUT_OF_RANGE: "position",
+                  BookRejection.BAD_CAPITAL: "capital"}
 # Pydantic's own error types mapped to reason codes (ours carry the code as their type).
 _PYDANTIC_REASONS = {"missing": BookRejection.MISSING_FIELD,
                      "extra_forbidden": BookRejection.UNKNOWN_FIELD,
@@ -257,7 +262,7 @@ def parse_book_message(data: Mapping[str, Any], *, asset: str | None = None,
     'position'
     >>> r = parse_book_message({"asset": "X", "ts": 5, "position": 0.5, "pnl": 3})
     >>> r.reason.value, r.field
-    ('position_and_pnl', None)
+    ('position_and_pnl', 'pnl')
     >>> r = parse_book_message({"asset": "X", "ts": "soon", "pnl": 3})
     >>> r.reason.value, r.field
     ('bad_ts', 'ts')
@@ -273,7 +278,7 @@ def parse_book_message(data: Mapping[str, Any], *, asset: str | None = None,
         except ValueError:
             reason = _PYDANTIC_REASONS.get(kind, BookRejection.BAD_NUMBER)
         loc = err.get("loc") or ()
-        field = str(loc[0]) if loc else None
+        field = str(loc[0]) if loc else _REASON_FIELDS.get(reason)
         return BookRejected(reason, field, str(err.get("msg", kind)))
     return msg.to_update()
 
@@ -300,7 +305,7 @@ def decode_book_entry(asset: str, fields: Mapping[Any, Any],
     ('position', -0.25, 1704067200000000000)
     >>> r = decode_book_entry("BTC-USD", {b"asset": b"ETH-USD", b"ts": b"1", b"pnl": b"2"})
     >>> r.reason.value, r.field
-    ('asset_mismatch', None)
+    ('asset_mismatch', 'asset')
     >>> decode_book_entry("BTC-USD", {b"asset": b"BTC-USD", b"ts": b"1", b"pnl": b"nan"}).reason.value
     'non_finite'
     """
