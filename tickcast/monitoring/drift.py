@@ -694,9 +694,10 @@ class BaselineWindow:
 
     @property
     def n_baseline(self) -> int:
-        """Rows collected so far towards a live reference (``baseline`` once it is built)."""
-        return self.baseline if self.drift is not None and self.source is ReferenceSource.LIVE \
-            else self._n_pending
+        """Rows of the reference: collected so far towards a live one, or the given one's."""
+        if self.drift is None:
+            return self._n_pending
+        return self.drift.reference.n_rows
 
     @property
     def rejected(self) -> int:
