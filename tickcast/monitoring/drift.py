@@ -404,9 +404,14 @@ class WindowStats:
         # without bound) cannot dwarf the rest.
         return sum(w * np.minimum(v, 1.0) for w, v in parts if w > 0) / total
 
-    def to_dict(self, cfg: DriftConfig | None = None) -> dict[str, dict[str, float]]:
-        """``{name: {"ks", "psi", "wasserstein", "tvd", "kl"[, "score"]}}`` with plain floats."""
-        scores = self.column_scores(cfg) if cfg is not None else None
+    def to_dict(self, cfg: DriftConfig | None = None,
+                scores: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+        """``{name: {"ks", "psi", "wasserstein", "tvd", "kl"[, "score"]}}`` with plain floats.
+
+        The score is included when ``cfg`` (or the already computed ``scores``) is given.
+        """
+        if scores is None and cfg is not None:
+            scores = self.column_scores(cfg)
         out: dict[str, dict[str, float]] = {}
         for i, name in enumerate(self.names):
             row = {"ks": float(self.ks[i]), "psi": float(self.psi[i]),
@@ -1221,8 +1226,9 @@ class DriftMonitor:
         st = window.stats(c.min_window)
         if st is None:
             return None, info, None
-        score = float(st.column_scores(c)[0])
-        info.update(st.to_dict(c)[window.names[0]])
+        col = st.column_scores(c)
+        score = float(col[0])
+        info.update(st.to_dict(scores=col)[window.names[0]])
         assert window.drift is not None
         return score, info, window.drift.sorted_values()[0]
 
@@ -1239,14 +1245,15 @@ class DriftMonitor:
             scores = feat_stats.column_scores(c)
             top = max(1, math.ceil(c.feature_top_fraction * scores.size))
             feature_score = float(np.sort(scores)[-top:].mean())
-            features = feat_stats.to_dict(c)
+            features = feat_stats.to_dict(scores=scores)
             drifted = tuple(n for n, k in zip(feat_stats.names, feat_stats.ks) if k > c.ks_threshold)
         prediction_score = None
         predictions: dict[str, dict[str, float]] = {}
         if self.predictions is not None and self.predictions.count >= c.min_window:
             pst = self.predictions.stats()
-            prediction_score = float(pst.column_scores(c).max())
-            predictions = pst.to_dict(c)
+            pred_scores = pst.column_scores(c)
+            prediction_score = float(pred_scores.max())
+            predictions = pst.to_dict(scores=pred_scores)
         performance_score = None
         performance: dict[str, float | int | None] = {}
         if self.performance is not None:
