@@ -372,6 +372,8 @@ class DriftConfig(Section):
         if (self.weight_ks + self.weight_psi + self.weight_w1 + self.weight_tvd
                 + self.weight_kl) <= 0:
             raise ValueError("the weights weight_ks .. weight_kl must not all be 0")
+        if self.live_reference_labels < self.psi_bins:
+            raise ValueError("live_reference_labels must be >= psi_bins")
         if not self.score_components or len(set(self.score_components)) != len(self.score_components):
             raise ValueError("score_components must name at least one component, none twice")
         return self

@@ -225,7 +225,11 @@ def test_config_orders_are_validated() -> None:
 
     for override in ("safety.vol_short=300", "safety.crisis_ratio=1.0",
                      "safety.halt_resume_drawdown=0.2", "drift.min_window=1000",
-                     "drift.psi_critical=0.05", "drift.detector=adwin"):
+                     "drift.psi_critical=0.05", "drift.detector=adwin",
+                     "drift.kl_critical=0.05", "drift.tvd_warning=0.5", "drift.score_components=[]",
+                     "drift.score_components=[concept, concept]", "drift.psi_bins=600",
+                     "drift.score_components=[drift]", "safety.half_spread_bp=-1",
+                     "safety.book_max_abs_position=0"):
         with pytest.raises(ConfigError):
             load_settings(overrides=[override], env={})
     with pytest.raises(ConfigError):
