@@ -377,12 +377,14 @@ class DriftConfig(Section):
     critical_score: float = Field(0.3, gt=0)
     retrain_score: float = Field(0.2, gt=0)
     feature_top_fraction: float = Field(1.0, gt=0, le=1)  # feature score: mean of the top share
-    # Column score = weighted mean of KS, PSI and W1/IQR, each mapped onto the KS scale. KS
-    # alone by default: on real 1-min BTC features PSI and W1 react far more to autocorrelation
-    # (see tickcast/monitoring/drift.py); they are still reported per feature.
+    # Column score = weighted mean of KS and the mapped PSI, W1/IQR, TVD and KL (each onto the
+    # KS scale, see tickcast/monitoring/drift.py). Every measure counts; KS keeps the largest
+    # share because it reacts least to the autocorrelation of rolling features.
     weight_ks: float = Field(1.0, ge=0)
-    weight_psi: float = Field(0.0, ge=0)
-    weight_w1: float = Field(0.0, ge=0)
+    weight_psi: float = Field(0.25, ge=0)
+    weight_w1: float = Field(0.25, ge=0)
+    weight_tvd: float = Field(0.25, ge=0)
+    weight_kl: float = Field(0.25, ge=0)
     # Features left out of drift: time-of-day is cyclical, so a window shorter than a day
     # never matches a reference sampled over whole days.
     exclude_features: tuple[str, ...] = ("tod_sin", "tod_cos")
@@ -392,6 +394,21 @@ class DriftConfig(Section):
     psi_critical: float = Field(0.25, gt=0)  # ... and to critical_score
     w1_warning: float = Field(0.3, gt=0)  # Wasserstein-1 / reference IQR mapped likewise
     w1_critical: float = Field(0.6, gt=0)
+    # Total variation distance and KL(P_ref || P_live) on the PSI bins; the levels are where a
+    # normal location shift of 0.4 and 0.8 sigma puts them (KS is then 0.16 and 0.31).
+    tvd_warning: float = Field(0.15, gt=0)
+    tvd_critical: float = Field(0.3, gt=0)
+    kl_warning: float = Field(0.075, gt=0)
+    kl_critical: float = Field(0.3, gt=0)
+    kl_pseudocount: float = Field(0.5, gt=0)  # added to every bin of both histograms (KT smoothing)
+    # Label drift (P(Y), realized returns) and concept drift (P(Y|X): standardized residuals)
+    # use sliding windows of `window` labels. Label drift compares with the model's reference
+    # labels when it has them; both otherwise compare with the first this-many live labels.
+    live_reference_labels: int = Field(500, ge=50)
+    # Components whose score counts toward the overall score (the rest are reported only).
+    score_components: tuple[Literal["features", "predictions", "performance", "labels",
+                                    "concept"], ...] = ("features", "predictions", "performance",
+                                                        "concept")
     detector: Literal["page_hinkley", "cusum"] = "page_hinkley"
     # Change detectors work on values standardized by the reference mean and std. With
     # allowance 0.5 and threshold 16 the one-sided ARL0 is ~5.7e7 events and the mean delay for
@@ -420,6 +437,7 @@ class DriftConfig(Section):
         if not self.warning_score < self.critical_score:
             raise ValueError("warning_score must be < critical_score")
         for lo, hi in (("psi_warning", "psi_critical"), ("w1_warning", "w1_critical"),
+                       ("tvd_warning", "tvd_critical"), ("kl_warning", "kl_critical"),
                        ("performance_ratio_warning", "performance_ratio_critical")):
             if not getattr(self, lo) < getattr(self, hi):
                 raise ValueError(f"{lo} must be < {hi}")
@@ -427,8 +445,13 @@ class DriftConfig(Section):
             raise ValueError("performance_min_labels must be <= performance_window")
         if 0 < self.detector_warmup < 30:
             raise ValueError("detector_warmup must be 0 or >= 30")
-        if self.weight_ks + self.weight_psi + self.weight_w1 <= 0:
-            raise ValueError("weight_ks + weight_psi + weight_w1 must be > 0")
+        if (self.weight_ks + self.weight_psi + self.weight_w1 + self.weight_tvd
+                + self.weight_kl) <= 0:
+            raise ValueError("the weights weight_ks .. weight_kl must not all be 0")
+        if self.live_reference_labels < self.psi_bins:
+            raise ValueError("live_reference_labels must be >= psi_bins")
+        if not self.score_components or len(set(self.score_components)) != len(self.score_components):
+            raise ValueError("score_components must name at least one component, none twice")
         return self
 
 
@@ -447,6 +470,16 @@ class SafetyConfig(Section):
     # signal's paper equity (traded without the halt) is back at or below this level.
     halt_resume_drawdown: float = Field(0.025, ge=0, lt=1)
     sizing: Literal["sign", "interval"] = "sign"  # interval: median / half interval, clipped to 1
+    # Deadband: the paper accounts hold a position only while the forecast's edge beats its
+    # cost, |median| > model.fee_bp + half_spread_bp; otherwise they are flat. The market's
+    # bid/ask is not known here: half_spread_bp is the half spread assumed (BTC-USD on a major
+    # venue quotes about 0.1-1 bp; 1 bp leaves room for slippage). deadband: false trades
+    # every forecast's sign (the behaviour before; for comparison, see bench.safety_days).
+    deadband: bool = True
+    half_spread_bp: float = Field(1.0, ge=0)
+    # The user's own book (tickcast/monitoring/book.py): largest |position| accepted, as a
+    # multiple of the book's equity.
+    book_max_abs_position: float = Field(10.0, gt=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> "SafetyConfig":
