@@ -221,7 +221,8 @@ class AssetIngest:
         for entry_id, fields in entries:
             if stop is not None and stop.is_set():
                 break
-            out = self.state.step(decode_entry(fields, asset=self.asset), self._alternates)
+            out = self.state.step(decode_entry(fields, asset=self.asset),  # type: ignore[arg-type]
+                                  self._alternates)
             self._unwritten.append(out)
             outs.append(out)
             self.state.last_id = entry_id

@@ -7,7 +7,9 @@ State it owns (:class:`SafetyActorState`, checkpointed to ``<data_dir>/checkpoin
     for their bar; plus the cursor of the prediction stream and its event counter.
 
 What it does, when its shard steps it (a new bar or prediction of the asset, or the sweep)
-    Reads this asset's champion forecasts from ``predictions:<ASSET>`` and the consensus bars
+    Reads this asset's champion forecasts from ``predictions:<ASSET>``, the user's own book
+    updates from ``book:<ASSET>`` (positions or P&L; once one is applied the drawdown halt
+    follows that book instead of the paper account), and the consensus bars
     closed since the last step (from the shard's memory, else the bar store); processes each
     bar once, in order, with the champion's forecast for the next bar (or flat when none came
     before the following bar closed). Publishes the outcome to the Redis hash
@@ -39,6 +41,7 @@ from tickcast.config import Settings
 from tickcast.market.calendar import trading_calendar
 from tickcast.monitoring import metrics_names as mn
 from tickcast.monitoring.events import event_from
+from tickcast.monitoring.book import book_stream_key, decode_book_entry
 from tickcast.monitoring.loop_state import SafetyTracker
 from tickcast.monitoring.safety import SafetyStatus
 from tickcast.monitoring.shadow_eval import parse_prediction
@@ -65,6 +68,7 @@ class SafetyActorState:
     tracker: SafetyTracker
     seq: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    book_id: str = "0-0"  # cursor on book:<ASSET> (the user's own positions or P&L)
 
 
 def safety_fields(status: SafetyStatus, champion: str | None, now_ns: int) -> dict[str, str]:
@@ -103,6 +107,7 @@ class AssetSafety:
         self.metrics = metrics
         self.bars_after = bars_after
         self.predictions_key = prediction_stream_key(settings.serve.prediction_stream, asset)
+        self.book_key = book_stream_key(asset)
         self.path = checkpoint_path(settings, f"safety-{asset}")
         self.last_error: str | None = None
         self.restored = False
@@ -193,6 +198,12 @@ class AssetSafety:
         if preds:
             self.state.predictions_id = preds[-1][0]
         tracker.on_forecasts(forecasts)
+        book = read_entries(self.client, self.book_key, self.state.book_id, c.stream_batch)
+        if book:
+            # Applied in time order before the first bar opening at or after each update.
+            limit = self.settings.safety.book_max_abs_position
+            tracker.on_book([decode_book_entry(self.asset, fields, limit) for _eid, fields in book])
+            self.state.book_id = book[-1][0]
         new = self.bars_after(tracker.last_bar_ts)
         if len(new):
             tracker.on_bars(new["ts"].to_numpy(), new["close"].to_numpy())
@@ -202,9 +213,9 @@ class AssetSafety:
         if raw:
             self._emit(raw)
         self._publish(tracker.status)
-        if raw or preds or statuses:
+        if raw or preds or statuses or book:
             self.checkpoint()
-        return len(preds) >= c.stream_batch
+        return len(preds) >= c.stream_batch or len(book) >= c.stream_batch
 
     # -- queries and commands ---------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

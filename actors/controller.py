@@ -74,7 +74,7 @@ from tickcast.monitoring.events import make_event
 from tickcast.monitoring.shadow_eval import (Comparison, Decision, ForecastJoin, PairedSample,
                                              compare_forecasts, decide_promotion, decide_rollback,
                                              parse_prediction, sla_since)
-from tickcast.ray_runtime import NAMESPACE, ROOT, WORKING_DIR_EXCLUDES
+from tickcast.ray_runtime import ROOT, WORKING_DIR_EXCLUDES
 from tickcast.redis_server import connect
 from tickcast.storage.bar_store import BarStore
 from tickcast.streams import prediction_stream_key
@@ -305,7 +305,6 @@ class Controller(CheckpointedLoopActor):
         (scheduled retraining). Assets retraining, shadowing or watching are advanced every
         step, reading their own ``predictions:<ASSET>`` streams.
         """
-        c = self.settings.controller
         with self._lock:
             self.sink.drain()
             now = time.monotonic()
@@ -354,7 +353,8 @@ class Controller(CheckpointedLoopActor):
     def _newest_forecast_bar(self, asset: str) -> int:
         """Bar of the newest logged forecast of ``asset`` (-1 when none)."""
         key = prediction_stream_key(self.settings.serve.prediction_stream, asset)
-        for _eid, fields in self.client.xrevrange(key, count=1):
+        newest: Any = self.client.xrevrange(key, count=1)
+        for _eid, fields in newest or ():
             f, _why = parse_prediction(fields)
             if f is not None:
                 return int(f.bar_ts)

@@ -200,7 +200,7 @@ class StreamFeeder:
         # ``sent``: when the entry reached Redis (UNIX ns; consumers time bar emission from it).
         sent = str(time.time_ns()).encode()
         for key, entry_id, fields in entries:
-            pipe.xadd(key, {**fields, SENT_FIELD: sent}, id=entry_id)  # type: ignore[arg-type]
+            pipe.xadd(key, {**fields, SENT_FIELD: sent}, id=entry_id)  # type: ignore[arg-type,dict-item]
         for result in pipe.execute(raise_on_error=False):
             if isinstance(result, redis.ResponseError) and _ID_TOO_SMALL in str(result):
                 continue  # already applied by an earlier attempt of this round trip

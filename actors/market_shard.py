@@ -248,7 +248,8 @@ class MarketShard:
             # With feature work queued, poll without blocking so the streams keep priority.
             block = None if self._pending_features else min(BLOCK_MS, cfg.consumer_block_ms * 5)
             try:
-                reply = self.client.xread(self._streams(), count=cfg.consumer_count, block=block)
+                reply: Any = self.client.xread(self._streams(),  # type: ignore[arg-type]
+                                               count=cfg.consumer_count, block=block)
             except (redis.RedisError, OSError) as exc:
                 self.read_errors += 1
                 self.last_error = f"XREAD: {type(exc).__name__}: {exc}"
@@ -260,11 +261,12 @@ class MarketShard:
             ticks: dict[str, list[tuple[str, dict[bytes, bytes]]]] = {}
             woke: set[str] = set()
             for raw_key, items in reply or ():
-                key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+                key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
                 if not items:
                     continue
-                entries = [(eid.decode() if isinstance(eid, bytes) else eid, fields)
-                           for eid, fields in items]
+                entries: list[tuple[str, dict[bytes, bytes]]] = [
+                    (eid.decode() if isinstance(eid, bytes) else str(eid), fields)
+                    for eid, fields in items]
                 asset = by_stream.get(key)
                 if asset is not None:
                     ticks[asset] = entries
@@ -658,7 +660,7 @@ def get_or_create_shards(settings: Settings, redis_url: str, assets: tuple[str, 
         want = shard_fingerprint(settings, redis_url, owned, closed_loop)
         handle = _existing(name, want, deadline)
         if handle is None:
-            handle = MarketShard.options(
+            handle = MarketShard.options(  # type: ignore[attr-defined]
                 name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
                 max_concurrency=settings.shards.max_concurrency,
                 scheduling_strategy=placement(index),
@@ -683,8 +685,9 @@ def _existing(name: str, fingerprint: str, deadline: float) -> Any:
             handle = ray.get_actor(name, namespace=NAMESPACE)
         except ValueError:
             return None
+        current: str | None
         try:
-            current = ray.get(handle.fingerprint.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            current = str(ray.get(handle.fingerprint.remote(), timeout=max(1.0, deadline - time.monotonic())))
         except Exception:  # noqa: BLE001 - dying: replace it
             current = None
         if current == fingerprint:
@@ -707,7 +710,7 @@ def _publish_map(settings: Settings, redis_url: str, owners: dict[str, str]) -> 
         pipe = client.pipeline(transaction=True)
         pipe.delete(SHARD_MAP_KEY)
         if owners:
-            pipe.hset(SHARD_MAP_KEY, mapping=owners)
+            pipe.hset(SHARD_MAP_KEY, mapping=dict(owners))  # type: ignore[arg-type]
         pipe.execute()
     except redis.RedisError as exc:  # the map is a view; the shards run without it
         log.warning("shard map not published: %s", exc)

@@ -107,11 +107,13 @@ def demo_runtime(settings: Settings) -> Iterator[Settings]:
 
     url, started = ensure_redis(settings.redis, settings.data_dir)
     settings = settings.with_overrides(**{"redis.url": url})
-    conn = connect_ray(settings)
-    try:
+    conn = None
+    try:  # a Ray that fails to start must not leave the Redis just started behind
+        conn = connect_ray(settings)
         yield settings
     finally:
-        disconnect_ray(conn)
+        if conn is not None:
+            disconnect_ray(conn)
         if started is not None:
             started.stop()
 

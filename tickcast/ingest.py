@@ -293,13 +293,13 @@ def run_ingest(settings: Settings, plan: IngestPlan, *, progress: TextIO | None 
 
     from actors.market_shard import get_or_create_shards
     from actors.feeder import StreamFeeder
-    from tickcast.ray_runtime import connect_ray, disconnect_ray
+    from tickcast.preflight import writable_dir
+    from tickcast.ray_runtime import RayConnection, connect_ray, disconnect_ray
     from tickcast.redis_server import connect, ensure_redis
 
     hooks = hooks or IngestHooks()
     cfg = settings.ingest
-    data_dir = Path(settings.data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = writable_dir(settings.data_dir)
     settings = settings.with_overrides(data_dir=str(data_dir))  # actors may run elsewhere
     meter = _Progress(progress, cfg.progress_every_s)
 
@@ -318,8 +318,9 @@ def run_ingest(settings: Settings, plan: IngestPlan, *, progress: TextIO | None 
         settings = settings.with_overrides(**{"ingest.keep_tick_status": True})  # to score detection
 
     url, started_redis = ensure_redis(settings.redis, data_dir)
-    conn = connect_ray(settings)
-    try:
+    conn: RayConnection | None = None
+    try:  # from here on, whatever happens (an error, SIGINT, SIGTERM), the finally stops Redis
+        conn = connect_ray(settings)
         # Per-asset handles on the market shards that own them (one process per shard).
         actors = get_or_create_shards(settings, url, plan.assets).refs(plan.assets)
         before = {a: s for a, s in zip(plan.assets, ray.get([h.status.remote() for h in actors.values()]))}
@@ -355,7 +356,8 @@ def run_ingest(settings: Settings, plan: IngestPlan, *, progress: TextIO | None 
                    f"{report['ticks_per_s']:,.0f} ticks/s")
         return report
     finally:
-        disconnect_ray(conn)
+        if conn is not None:
+            disconnect_ray(conn)
         if started_redis is not None:
             started_redis.stop()
 

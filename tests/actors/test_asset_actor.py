@@ -22,7 +22,6 @@ import ray
 from actors.market_shard import AssetRef, get_or_create_shards, shard_for
 from actors.feeder import stream_key
 from tickcast.ingest import IngestHooks, IngestPlan, run_ingest
-from tickcast.ray_runtime import NAMESPACE
 from tickcast.redis_server import EmbeddedRedis, connect
 from tickcast.sources.replay import read_bar_file
 

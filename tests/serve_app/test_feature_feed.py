@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import redis
 
-from serve_app.feature_cache import PRICE_RETRY_NS, FeatureCache, ResyncReason, parse_safety
+from serve_app.feature_cache import PRICE_RETRY_NS, FeatureCache, parse_safety
 from tickcast.redis_server import EmbeddedRedis, connect
 from tickcast.storage.online_store import HASH_PREFIX, OnlineFeatureStore
 from tickcast.storage.safety_store import clear_safety, publish_safety

@@ -34,7 +34,8 @@ def _live_map(settings: Settings) -> dict[str, str] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     try:
-        raw = connect(url, settings.redis.socket_timeout_s).hgetall(SHARD_MAP_KEY)
+        raw: dict[bytes, bytes] = connect(url, settings.redis.socket_timeout_s).hgetall(  # type: ignore[assignment]
+            SHARD_MAP_KEY)
     except redis.RedisError:
         return None
     if not raw:
@@ -71,7 +72,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``shards``."""
     p = subparsers.add_parser("shards", help="which market shard owns which asset")
     add_common(p)
