@@ -59,7 +59,11 @@ def _settings(tmp_path: Path, url: str, **extra: Any) -> Settings:
             "drift.window=120", "drift.min_window=60", "drift.eval_every=10",
             "drift.detector_warmup=60", "drift.performance_window=60",
             "drift.performance_min_labels=30", "safety.vol_short=10", "safety.vol_long=60",
-            "shards.monitor_sweep_s=0.5"]
+            "shards.monitor_sweep_s=0.5",
+            # The loop's mechanics on a real regime change, with KS alone: on a 120-bar window
+            # of calm real minutes the binned measures (PSI, TVD, KL) alone can read CRITICAL
+            # (their calibration is tested in tests/monitoring and measured by bench.drift).
+            "drift.weight_psi=0", "drift.weight_w1=0", "drift.weight_tvd=0", "drift.weight_kl=0"]
     over += [f"{k}={v}" for k, v in extra.items()]
     return load_settings(overrides=over)
 
