@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tickcast.config import Settings
+from tickcast.ray_auth import attach_token_auth
 
 NAMESPACE = "tickcast"
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,6 +105,7 @@ def connect_ray(settings: Settings | None = None, *, num_cpus: int | None = None
         return RayConnection(started=False, address="")
     address = _cluster_address(settings)
     if address is not None:
+        attach_token_auth()  # a cluster from `ray start --head` may want its token (tickcast.ray_auth)
         kwargs: dict[str, object] = {"address": address, "namespace": NAMESPACE,
                                      "log_to_driver": log_to_driver}
         if not in_ray_job():
