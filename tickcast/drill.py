@@ -290,7 +290,7 @@ class DrillRun:
                                                   self.settings.ingest.wait_timeout_s))
         # Online features catch up after a bulk feed (the actor stores bars first).
         settle = getattr(self.actor, "wait_settled", None) if hasattr(self.actor, "wait_settled") \
-            else getattr(self.actor, "wait_features")
+            else self.actor.wait_features
         ray.get(settle.remote(self.settings.ingest.wait_timeout_s))
         self.log(f"history: {len(hist):,} ticks of {self.script.history_bars} minutes "
                  f"({_iso(self.live0 - self.script.history_bars * self.freq_ns)} ..) -> "

@@ -114,7 +114,7 @@ def token_source(environ: Mapping[str, str] | None = None, home: Path | None = N
 
 def _ray_has_token() -> bool:
     """Ray's own loader's answer (the authority; :func:`token_source` only names the place)."""
-    from ray._raylet import AuthenticationTokenLoader
+    from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]
 
     loader = AuthenticationTokenLoader.instance()
     loader.reset_cache()  # the loader caches; the token may have been written since
@@ -123,7 +123,7 @@ def _ray_has_token() -> bool:
 
 def _enable_token_mode() -> None:
     """Token mode for this process and its children (Ray caches its config: refresh it)."""
-    from ray._raylet import Config
+    from ray._raylet import Config  # type: ignore[attr-defined]
 
     os.environ[AUTH_MODE_ENV] = AuthMode.TOKEN.value
     Config.initialize("")

@@ -125,14 +125,28 @@ class RayHead:
         return sorted(seen)
 
 
-def start_head(*, token: bool = True, num_cpus: int = 2, timeout_s: float = 120.0) -> RayHead:
+def start_head(*, token: bool = True, num_cpus: int = 2, timeout_s: float = 120.0,
+               attempts: int = 2) -> RayHead:
     """``ray start --head --block`` with a dashboard (job server) and a metrics export port.
+
+    On a loaded shared host ``ray start`` can give up waiting for its own GCS ("Deadline
+    Exceeded"); a second attempt on fresh ports and directories follows.
 
     Raises
     ------
     RuntimeError
-        The head did not come up (the message carries its log's tail).
+        No attempt came up (the message carries the last log's tail).
     """
+    for attempt in range(attempts):
+        try:
+            return _start_head_once(token=token, num_cpus=num_cpus, timeout_s=timeout_s)
+        except RuntimeError:
+            if attempt + 1 == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_head_once(*, token: bool, num_cpus: int, timeout_s: float) -> RayHead:
     root = Path(tempfile.mkdtemp(prefix="tcray-", dir="/tmp"))
     home, ray_tmpdir = root / "home", root / "t"
     home.mkdir()

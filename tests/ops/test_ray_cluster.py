@@ -181,10 +181,10 @@ def test_tickcast_serve_attaches_and_prometheus_sees_tickcast_series(
             "job_name": "ray",
             "file_sd_configs": [{"files": [str(sd_file)], "refresh_interval": "5s"}],
         }], rule_files=[ROOT / "configs" / "alerts.yml"])
-        requests = prom.wait_for(f'sum by (slot) (ray_tickcast_requests_total{{code="200"}})', 120)
+        requests = prom.wait_for('sum by (slot) (ray_tickcast_requests_total{code="200"})', 120)
         assert requests and float(requests[0]["value"][1]) >= 50, requests
         assert {s["metric"]["slot"] for s in requests} == {"blue"}
-        assert prom.wait_for(f'ray_tickcast_request_latency_ms_bucket{{le="+Inf"}}', 30)
+        assert prom.wait_for('ray_tickcast_request_latency_ms_bucket{le="+Inf"}', 30)
         ticks = prom.wait_for(f'sum(ray_tickcast_ticks_total{{asset="{ASSET}",status="accepted"}}) > 0', 60)
         assert ticks, "the asset actor's tick counter never reached Prometheus"
         assert prom.wait_for(f'ray_tickcast_provider_agreement{{asset="{ASSET}"}}', 30)
@@ -203,6 +203,25 @@ def test_tickcast_serve_attaches_and_prometheus_sees_tickcast_series(
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=200)
 
 
+def _serve_status(head: RayHead) -> dict[str, Any]:
+    """The dashboard's Serve API (what its Serve page shows)."""
+    r = httpx.get(f"{head.dashboard_url}/api/serve/applications/", timeout=10,
+                  headers={"Authorization": f"Bearer {head.token}"})
+    r.raise_for_status()
+    return dict(r.json())
+
+
+def _wait_serve_gone(head: RayHead, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = _serve_status(head)
+        if not status["controller_info"].get("actor_id") and not status["applications"] \
+                and not status.get("proxies"):
+            return True
+        time.sleep(1.0)
+    return False
+
+
 def test_serve_config_deploys_with_serve_deploy(head: RayHead, retrain_job: dict[str, Any],
                                                 data_dir: Path, tmp_path: Path) -> None:
     """``serve deploy configs/serve_config.yaml`` as a Ray user runs it (Ray's CLI with
@@ -217,8 +236,10 @@ def test_serve_config_deploys_with_serve_deploy(head: RayHead, retrain_job: dict
     env = head.client_env(RAY_AUTH_MODE="token")
     serve_cli = str(VENV_BIN / "serve")
     # A Serve instance left by the previous test keeps its HTTP options: start from none.
+    # `serve shutdown` returns at once and deletes asynchronously: wait until Serve is gone.
     subprocess.run([serve_cli, "shutdown", "-y", "-a", head.dashboard_url], env=env, cwd=ROOT,
                    capture_output=True, text=True, timeout=180, check=True)
+    assert _wait_serve_gone(head, 180), "Serve did not shut down"
     redis = EmbeddedRedis.start(tmp_path / "redis")
     feed = None
     try:
@@ -258,8 +279,7 @@ def test_serve_config_deploys_with_serve_deploy(head: RayHead, retrain_job: dict
         r = httpx.post(f"{url}/v1/predict", json={"asset": ASSET}, timeout=10)
         assert r.status_code == 200, r.text
         assert r.json()["model_version"] == _last_json(retrain_job["logs"])["version"]
-        status = httpx.get(f"{head.dashboard_url}/api/serve/applications/", timeout=10,
-                           headers={"Authorization": f"Bearer {head.token}"}).json()
+        status = _serve_status(head)
         assert status["applications"]["tickcast"]["status"] == "RUNNING"
         assert status["applications"]["tickcast"]["deployed_app_config"]["import_path"] == \
             "tickcast.serve_deploy:app_builder"
