@@ -130,8 +130,13 @@ def test_builder_needs_an_external_redis(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_dockerfile_is_multistage_debian_non_root_with_a_liveness_check() -> None:
     text = (ROOT / "Dockerfile").read_text()
-    froms = [ln.split()[1] for ln in text.splitlines() if ln.startswith("FROM ")]
-    assert froms == ["debian:bookworm-slim", "debian:bookworm-slim"]
+    froms = [ln.split() for ln in text.splitlines() if ln.startswith("FROM ")]
+    stages: list[str] = []
+    for line in froms:  # every stage starts from debian:bookworm-slim or an earlier stage
+        assert line[1] == "debian:bookworm-slim" or line[1] in stages, line
+        if len(line) == 4:
+            stages.append(line[3])
+    assert len(froms) >= 2 and froms[-1][1] == "debian:bookworm-slim"  # the runtime stage
     assert "USER tickcast" in text and "useradd --system --uid 10001" in text
     health = text[text.index("HEALTHCHECK"):]
     assert "/v1/health?probe=live" in health.split("ENTRYPOINT")[0]
