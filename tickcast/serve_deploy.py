@@ -74,13 +74,19 @@ def deploy_settings(args: DeployArgs) -> Settings:
     return settings
 
 
-def app_builder(args: DeployArgs) -> Any:
-    """Serve's application builder (``import_path`` of ``configs/serve_config.yaml``)."""
+def app_builder(args: dict[str, Any] | DeployArgs) -> Any:
+    """Serve's application builder (``import_path`` of ``configs/serve_config.yaml``).
+
+    Serve hands the config's ``args`` over as a dict here (it converts only when the
+    annotation is a class object, and this module's annotations are strings), so they are
+    validated first: an unknown or bad argument fails the deployment before anything starts.
+    """
     from serve_app.app import build_app
     from serve_app.feed import FeatureFeed
     from tickcast.commands.serving import start_closed_loop
 
-    settings = deploy_settings(args)
+    parsed = args if isinstance(args, DeployArgs) else DeployArgs.model_validate(args)
+    settings = deploy_settings(parsed)
     redis_url = str(settings.redis.url)
     FeatureFeed(settings, redis_url).start()  # detached actors: they outlive the build task
     if settings.serve.closed_loop:

@@ -59,6 +59,18 @@ def test_builder_import_path_resolves_to_the_builder() -> None:
     assert import_attr(serve_deploy.IMPORT_PATH) is serve_deploy.app_builder
 
 
+def test_serve_calls_the_builder_with_validated_args(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through Serve's own call path: bad args fail before anything starts."""
+    from pydantic import ValidationError
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    monkeypatch.setenv("REDIS_URL", "redis://redis.example:6379/0")
+    with pytest.raises(ValidationError):
+        call_user_app_builder_with_args_if_necessary(serve_deploy.app_builder, {"feed": "simulator"})
+    with pytest.raises(ValidationError):
+        call_user_app_builder_with_args_if_necessary(serve_deploy.app_builder, {"replicas": 3})
+
+
 def test_rayservice_embeds_the_serve_config() -> None:
     rs = _kind(ROOT / "deploy" / "rayservice.yaml", "RayService")
     embedded = yaml.safe_load(rs["spec"]["serveConfigV2"])

@@ -275,7 +275,9 @@ def test_serve_config_deploys_with_serve_deploy(head: RayHead, retrain_job: dict
             except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(2.0)
-        assert health.get("ready"), (health, feed.error)
+        assert health.get("ready"), (health, feed.error, {
+            name: (app["status"], app.get("message", "")[-1500:])
+            for name, app in _serve_status(head)["applications"].items()})
         r = httpx.post(f"{url}/v1/predict", json={"asset": ASSET}, timeout=10)
         assert r.status_code == 200, r.text
         assert r.json()["model_version"] == _last_json(retrain_job["logs"])["version"]
