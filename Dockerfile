@@ -29,11 +29,6 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PATH=/opt/venv/bin:$PATH
 RUN python3 -m venv /opt/venv && pip install -q --upgrade pip setuptools wheel
 COPY --from=requirements /requirements.txt /tmp/requirements.txt
 RUN pip install -q -r /tmp/requirements.txt
-WORKDIR /app
-COPY . .
-# Editable: the code stays in /app, which is what Ray ships as working_dir to a cluster and
-# where configs/default.yaml is found.
-RUN pip install -q --no-deps -e . && python3 -m compileall -q tickcast actors serve_app training
 
 # ---------------------------------------------------------------------------------- runtime
 FROM debian:bookworm-slim
@@ -48,14 +43,18 @@ RUN groupadd --system --gid 10001 tickcast \
  && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/tickcast --shell /usr/sbin/nologin tickcast \
  && mkdir -p /data && chown tickcast:tickcast /data
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build --chown=tickcast:tickcast /app /app
-ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONUNBUFFERED=1 \
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /app
+COPY . .
+# The code, root-owned (the server writes only to /data). Editable: it stays in /app, which is
+# what Ray ships as working_dir to a cluster and where configs/default.yaml is found. Installed
+# here, so that a code change leaves the (large) venv layer above as it is.
+RUN pip install -q --no-deps --no-build-isolation -e . && python3 -m compileall -q tickcast actors serve_app training
+ENV PYTHONUNBUFFERED=1 \
     TICKCAST_DATA_DIR=/data \
     TICKCAST__SERVE__HOST=0.0.0.0 \
     TICKCAST__SERVE__PORT=8000 \
     RAY_USAGE_STATS_ENABLED=0
-WORKDIR /app
 USER tickcast
 VOLUME ["/data"]
 EXPOSE 8000

@@ -13,7 +13,8 @@ IMAGE ?= tickcast:latest
 # this host's pip configuration and CA bundle when it has a pip.conf (podman can mount them into
 # the build; pip there may only reach PyPI through a TLS-re-signing proxy).
 HOST_PIP := $(if $(and $(filter podman,$(ENGINE)),$(wildcard /etc/pip.conf)),-v /etc/pip.conf:/etc/pip.conf:ro -v /etc/ssl/certs/ca-certificates.crt:/etc/pip-host-ca.crt:ro --build-arg PIP_CERT=/etc/pip-host-ca.crt)
-BUILD_OPTS ?= --network host $(HOST_PIP)
+# podman writes OCI images by default, which have no HEALTHCHECK: ask for Docker's format.
+BUILD_OPTS ?= --network host $(if $(filter podman,$(ENGINE)),--format docker) $(HOST_PIP)
 
 .PHONY: demo test venv bench clean lint tools image image-test
 
@@ -58,7 +59,7 @@ image:
 # first start trains small models: a few minutes). Not part of `make test`.
 image-test: image $(STAMP)
 	TICKCAST_IMAGE=$(IMAGE) TICKCAST_CONTAINER_ENGINE=$(ENGINE) \
-	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/ops/test_image.py
+	  $(BIN)/python -m pytest -q -rP -p no:cacheprovider tests/ops/test_image.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache data registry reports
