@@ -56,7 +56,8 @@ image:
 	$(ENGINE) build $(BUILD_OPTS) -t $(IMAGE) .
 
 # Builds the image, runs it with no arguments and checks that POST /v1/predict answers (the
-# first start trains small models: a few minutes). Not part of `make test`.
+# first start trains small models: a few minutes), then the same through compose.yaml when
+# docker compose or podman-compose exists. Not part of `make test`.
 image-test: image $(STAMP)
 	TICKCAST_IMAGE=$(IMAGE) TICKCAST_CONTAINER_ENGINE=$(ENGINE) \
 	  $(BIN)/python -m pytest -q -rP -p no:cacheprovider tests/ops/test_image.py

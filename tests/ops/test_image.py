@@ -1,4 +1,5 @@
-"""The container image, run as a user runs it (``make image-test``; skipped by ``make test``).
+"""The container image and compose file, run as a user runs them (``make image-test``; skipped
+by ``make test``).
 
 ``docker run -p 8000:8000 IMAGE`` with no arguments must train (the registry volume is empty)
 and then answer ``POST /v1/predict``. Checked here on the image ``make image`` built
@@ -13,13 +14,17 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import subprocess
 import time
 import uuid
+from pathlib import Path
 from typing import Iterator
 
 import httpx
 import pytest
+import yaml
 
 from tickcast.net import free_port
 
@@ -111,3 +116,59 @@ def test_healthcheck_user_and_clean_stop(container: dict[str, object]) -> None:
     logs = _engine("logs", name).stderr + _engine("logs", name).stdout
     assert "[tickcast serve] stopped" in logs, logs[-3000:]
     assert state["ExitCode"] == 0, state
+
+
+def _compose_command() -> list[str] | None:
+    if ENGINE == "docker":
+        ok = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=60).returncode == 0
+        return ["docker", "compose"] if ok else None
+    found = shutil.which("podman-compose")
+    return [found] if found else None
+
+
+def test_compose_runs_redis_ray_head_and_api(tmp_path: Path) -> None:
+    """``compose.yaml``: three containers; the API node trains, joins the head and answers."""
+    compose = _compose_command()
+    if compose is None:
+        pytest.skip(f"no compose for {ENGINE} (docker compose, or podman-compose)")
+    root = Path(__file__).resolve().parents[2]
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump({"services": {"api": {"environment": {
+        k: v for k, v in SMALL_BOOTSTRAP.items()}}}}))
+    ports = {"TICKCAST_PORT": free_port(), "TICKCAST_METRICS_PORT": free_port(),
+             "RAY_DASHBOARD_PORT": free_port(), "RAY_METRICS_PORT": free_port()}
+    token = secrets.token_hex(32)
+    env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "RAY_AUTH_TOKEN": token,
+           "TICKCAST_IMAGE": str(IMAGE)}
+    project = f"tcimgtest{uuid.uuid4().hex[:6]}"
+    cmd = [*compose, "-p", project, "-f", str(root / "compose.yaml"), "-f", str(small)]
+    try:
+        up = subprocess.run([*cmd, "up", "-d"], env=env, capture_output=True, text=True, timeout=600)
+        assert up.returncode == 0, up.stderr[-3000:]
+        url = f"http://127.0.0.1:{ports['TICKCAST_PORT']}"
+        _wait_ready(url, 1500.0)
+        for asset in ("BTC-USD", "ETH-USD"):
+            r = httpx.post(f"{url}/v1/predict", json={"asset": asset}, timeout=10.0)
+            assert r.status_code == 200, r.text
+        dashboard = f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}"
+        assert httpx.get(f"{dashboard}/api/jobs/", timeout=10).status_code == 401  # token auth on
+        serve = httpx.get(f"{dashboard}/api/serve/applications/", timeout=10,
+                          headers={"Authorization": f"Bearer {token}"}).json()
+        assert serve["applications"]["tickcast"]["status"] == "RUNNING"
+        # A proxy on the head and on the API node, whose replicas all run there.
+        assert len(serve["proxies"]) == 2
+        replicas = serve["applications"]["tickcast"]["deployments"]["tickcast-predictor"]["replicas"]
+        head_ip = serve["controller_info"]["node_ip"]
+        assert replicas and all(r["node_ip"] != head_ip for r in replicas)
+        # The API node's metrics port carries tickcast's series (its actors and replicas).
+        deadline = time.monotonic() + 120
+        text = ""
+        while time.monotonic() < deadline and "ray_tickcast_requests_total" not in text:
+            time.sleep(3)
+            text = httpx.get(f"http://127.0.0.1:{ports['TICKCAST_METRICS_PORT']}/metrics", timeout=10).text
+        assert "ray_tickcast_requests_total" in text and "ray_tickcast_ticks_total" in text
+    finally:
+        down = subprocess.run([*cmd, "down", "-v"], env=env, capture_output=True, text=True, timeout=600)
+        print(down.stdout[-2000:], down.stderr[-2000:])
+        if ENGINE == "podman":  # podman-compose leaves the project's network behind
+            _engine("network", "rm", "-f", f"{project}_default", check=False)
