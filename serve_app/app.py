@@ -521,11 +521,11 @@ class PredictorReplica:
                                  registry_poll_s=cfg.registry_poll_s)
         bars_root = Path(settings.data_dir) / "bars"
         self.features = FeatureCache(client, refresh_s=cfg.feature_refresh_s,
-                                     discovery_s=cfg.feature_discovery_s,
+                                     resync_s=cfg.feature_resync_s,
                                      bar_close=self._bar_close_reader(bars_root),
                                      assets=settings.assets)
         self.metrics = ServeMetrics(cfg.sla_latency_ms)
-        self.logger = PredictionLogger(client, cfg.prediction_stream, cfg.prediction_stream_maxlen,
+        self.logger = PredictionLogger(client, cfg.prediction_stream, cfg.prediction_stream_maxlen_per_asset,
                                        cfg.prediction_log_batch, cfg.prediction_log_queue,
                                        settings.breaker, flush_s=cfg.prediction_log_flush_s,
                                        max_busy=cfg.prediction_log_max_busy)
