@@ -13,9 +13,10 @@ The builder runs in the cluster (Serve's build task) with the cluster's environm
 * configuration as everywhere (``configs/default.yaml``, ``TICKCAST__*``, ``TICKCAST_DATA_DIR``
   on a filesystem every node mounts, ``args.overrides``); Redis must be external
   (``REDIS_URL``): an embedded one would die with the build task;
-* ``args.feed = "streams"`` starts (get-or-create, detached) the per-asset actors consuming
-  the ingress streams ``ticks:<ASSET>`` that feed handlers write, ``"none"`` leaves features
-  to something else; ``args.closed_loop`` starts the drift and safety actors and the controller;
+* ``args.feed = "streams"`` starts (get-or-create, detached) the market shards consuming the
+  ingress streams ``ticks:<ASSET>`` that feed handlers write, ``"none"`` leaves features to
+  something else; ``args.closed_loop`` runs drift and safety in the shards and starts the
+  controller;
 * it returns the same application :func:`serve_app.app.build_app` gives ``tickcast serve``.
 
 HAProxy ingress (``serve.use_haproxy``) is switched on by the config's ``controller_options``

@@ -186,7 +186,7 @@ def test_tickcast_serve_attaches_and_prometheus_sees_tickcast_series(
         assert {s["metric"]["slot"] for s in requests} == {"blue"}
         assert prom.wait_for('ray_tickcast_request_latency_ms_bucket{le="+Inf"}', 30)
         ticks = prom.wait_for(f'sum(ray_tickcast_ticks_total{{asset="{ASSET}",status="accepted"}}) > 0', 60)
-        assert ticks, "the asset actor's tick counter never reached Prometheus"
+        assert ticks, "the market shard's tick counter never reached Prometheus"
         assert prom.wait_for(f'ray_tickcast_provider_agreement{{asset="{ASSET}"}}', 30)
         assert any(t["health"] == "up" and f":{head.metrics_port}/" in t["scrapeUrl"]
                    for t in prom.targets())
@@ -225,7 +225,7 @@ def _wait_serve_gone(head: RayHead, timeout_s: float) -> bool:
 def test_serve_config_deploys_with_serve_deploy(head: RayHead, retrain_job: dict[str, Any],
                                                 data_dir: Path, tmp_path: Path) -> None:
     """``serve deploy configs/serve_config.yaml`` as a Ray user runs it (Ray's CLI with
-    ``RAY_AUTH_MODE=token``, as the README says): the builder starts the asset actors on the
+    ``RAY_AUTH_MODE=token``, as the README says): the builder starts the market shards on the
     ingress streams, a feed handler writes ticks, and the API serves the registry's champion
     through HAProxy."""
     from serve_app.feed import LiveSimulatorFeed
