@@ -36,6 +36,28 @@ VENV_BIN = Path(sys.executable).parent
 RAY_BIN = VENV_BIN / "ray"
 
 
+def quiet_port(host: str = "127.0.0.1", low: int = 20000, high: int = 30000) -> int:
+    """A free TCP port below the kernel's ephemeral range, for a server that binds it later.
+
+    ``free_port()`` draws from the ephemeral range that every other test session on this host
+    draws from too; between picking a port and binding it, another session can pick the same
+    one (seen: a Serve test of another session answered on the port chosen here).
+    """
+    import random
+    import socket
+
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [{low}, {high})")
+
+
 def path_without_venv(path: str | None = None) -> str:
     """``PATH`` with this interpreter's ``bin`` removed (a shell where the venv is not active)."""
     parts = (path if path is not None else os.environ.get("PATH", "")).split(os.pathsep)

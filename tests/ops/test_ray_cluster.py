@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from tests.ops.prometheus import prometheus_binary, start_prometheus
-from tests.ops.ray_head import VENV_BIN, RayHead, path_without_venv, start_head
+from tests.ops.ray_head import VENV_BIN, RayHead, path_without_venv, quiet_port, start_head
 from tickcast.net import free_port
 from tickcast.ray_runtime import WORKING_DIR_EXCLUDES
 from tickcast.storage.bar_store import BarStore
@@ -147,7 +147,7 @@ def test_tickcast_serve_attaches_and_prometheus_sees_tickcast_series(
     assert retrain_job["status"] == "SUCCEEDED"
     env = head.client_env()
     assert "RAY_AUTH_MODE" not in env and "RAY_ADDRESS" not in env
-    port = free_port()
+    port = quiet_port()
     serve_cmd = [sys.executable, "-m", "tickcast.cli", "serve", "--detach", "--data-dir", str(data_dir),
                  "--port", str(port), "--timeout", "400", "--set", f"assets=[{ASSET}]"]
     prom = None
@@ -161,9 +161,10 @@ def test_tickcast_serve_attaches_and_prometheus_sees_tickcast_series(
 
         url = status["url"]
         with httpx.Client(timeout=10.0) as client:
-            codes = [client.post(f"{url}/v1/predict", json={"asset": ASSET}).status_code
-                     for _ in range(50)]
-            assert codes == [200] * 50
+            answers = [client.post(f"{url}/v1/predict", json={"asset": ASSET}) for _ in range(50)]
+            assert [r.status_code for r in answers] == [200] * 50
+            # This cluster's app answered: it serves the job's champion.
+            assert {r.json()["model_version"] for r in answers} == {_last_json(retrain_job["logs"])["version"]}
             # The dashboard's Serve page reads this API: the app runs on the cluster.
             apps = client.get(f"{head.dashboard_url}/api/serve/applications/",
                               headers={"Authorization": f"Bearer {head.token}"}).json()
@@ -244,7 +245,7 @@ def test_serve_config_deploys_with_serve_deploy(head: RayHead, retrain_job: dict
     feed = None
     try:
         config = yaml.safe_load((ROOT / "configs" / "serve_config.yaml").read_text())
-        port = free_port()
+        port = quiet_port()
         config["http_options"] = {"host": "127.0.0.1", "port": port}
         # This host runs other Serve instances: HAProxy's stats/metrics ports must be free ones.
         config["controller_options"]["runtime_env"]["env_vars"].update(
