@@ -42,6 +42,7 @@ from actors.feeder import parse_entry_id, stream_key
 from actors.loop_support import load_checkpoint, save_checkpoint
 from tickcast.config import Settings
 from tickcast.features.definitions import schema_hash
+from tickcast.market.calendar import trading_calendar
 from tickcast.sources.stream import decode_entry
 from tickcast.storage.bar_store import CONSENSUS, BarStore, GapAuditStore, LateTickStore
 from tickcast.storage.breaker import CircuitBreaker
@@ -173,7 +174,9 @@ class AssetIngest:
         return state, True
 
     def _apply_audit_mode(self) -> None:
-        """Audit mode follows the current configuration, whatever the checkpoint was taken with."""
+        """Audit mode and the trading calendar follow the current configuration, whatever the
+        checkpoint was taken with."""
+        self.state.calendar = trading_calendar(self.settings, self.asset)
         if self.settings.ingest.keep_tick_status and self.state.status_log is None:
             self.state.status_log = TickStatusLog()
         elif not self.settings.ingest.keep_tick_status:

@@ -38,6 +38,7 @@ import redis
 from actors.loop_support import (EventSink, LoopMetrics, checkpoint_path, load_checkpoint,
                                  read_entries, save_checkpoint, stream_tail_id)
 from tickcast.config import Settings
+from tickcast.market.calendar import trading_calendar
 from tickcast.monitoring import metrics_names as mn
 from tickcast.monitoring.events import event_from
 from tickcast.monitoring.book import book_stream_key, decode_book_entry
@@ -122,6 +123,9 @@ class AssetSafety:
             tracker = SafetyTracker(settings.safety, settings.model.fee_bp, champion)
             self.state = SafetyActorState(asset, stream_tail_id(client, self.predictions_key),
                                           tracker)
+        # The calendar follows the config, whatever the checkpoint was taken with.
+        self.state.tracker.calendar = trading_calendar(settings, asset)
+        if not self.restored:
             self._warm_start()
 
     # -- start-up -------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ from serve_app.metrics import ServeMetrics, merge_snapshots, render_prometheus
 from serve_app.prediction_log import PredictionLogger, Row
 from serve_app.predictor import BatchResult, Scored, ServingView
 from serve_app.routing import sticky_unit
+from serve_app.sessions import SessionBook
 from serve_app.slots import ModelLoader, SlotManager
 from tickcast.config import Settings
 from tickcast.errors import (Forbidden, InvalidInput, ServiceUnavailable, TickcastError,
@@ -495,6 +496,7 @@ class PredictorReplica:
         self.sticky_header = cfg.sticky_header
         self.sticky_salt = cfg.sticky_salt
         self.freq_ns = settings.bars.freq_s * NS_PER_S
+        self.sessions = SessionBook.from_settings(settings)  # markets that close (serve_app/sessions.py)
         self.prefix = cfg.redis_prefix
         _RUNTIME.max_body_bytes = cfg.max_body_bytes
         _RUNTIME.body_drain_bytes = cfg.body_drain_bytes
@@ -606,7 +608,7 @@ class PredictorReplica:
             if self._view is not None and self._view_key == key:
                 return self._view
             view = ServingView(state, snap, self.settings.assets, self.freq_ns,
-                               self.settings.serve.feature_max_age_s)
+                               self.settings.serve.feature_max_age_s, self.sessions)
             self._view, self._view_key = view, key
             return view
 

@@ -78,6 +78,7 @@ class LiveSimulatorFeed:
         return prices, last_ts
 
     def _build(self) -> Any:
+        from tickcast.market.calendar import trading_calendar
         from tickcast.sources.simulator import MarketSimulator
 
         prices, last_ts = self._start_prices()
@@ -93,7 +94,8 @@ class LiveSimulatorFeed:
         # filter would otherwise drop for hours. A provider sends far fewer than 10^6 ticks/s.
         return MarketSimulator(settings.simulator, self.assets, settings.serve.feed_seed,
                                consensus=settings.consensus, bars=settings.bars, start_ns=start,
-                               first_seq=now // 1000)
+                               first_seq=now // 1000,
+                               calendars={a: trading_calendar(settings, a) for a in self.assets})
 
     def _run(self) -> None:
         from actors.feeder import StreamFeeder

@@ -14,11 +14,14 @@ default. A bad file or value raises :class:`tickcast.errors.ConfigError` naming 
 from __future__ import annotations
 
 import os
+from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
 
 from tickcast.errors import ConfigError
 
@@ -540,6 +543,99 @@ class ControllerConfig(Section):
     stream_batch: int = Field(2000, ge=1)  # stream entries read per XREAD by the loop actors
 
 
+ALWAYS_OPEN = "24/7"
+"""The calendar of an asset that never closes (crypto): the default of ``calendars``."""
+
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WEEKDAYS: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _clock_time(value: object, field: str) -> str:
+    """A local wall-clock time ``"HH:MM"`` (24 h), returned canonical (zero-padded).
+
+    YAML 1.1 reads an unquoted ``17:00`` as the base-60 integer 1020, so a number is refused
+    with a hint rather than guessed at.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"{field} must be a quoted \"HH:MM\" time (unquoted YAML 17:00 reads as "
+                         f"a number), got {value!r}")
+    parts = value.strip().split(":")
+    if len(parts) != 2 or not all(p.isdigit() and 1 <= len(p) <= 2 for p in parts):
+        raise ValueError(f"{field} must look like \"HH:MM\", got {value!r}")
+    hh, mm = int(parts[0]), int(parts[1])
+    if not (0 <= hh <= 23 and 0 <= mm <= 59):
+        raise ValueError(f"{field} {value!r} is not a time of day (00:00 to 23:59)")
+    return f"{hh:02d}:{mm:02d}"
+
+
+class WeeklySession(Section):
+    """One weekly trading session: opens at ``open`` on each of ``days`` (local time).
+
+    A ``close`` at or before ``open`` falls on the next day (an overnight session, as futures
+    trade from the evening to the next afternoon).
+    """
+
+    days: tuple[Weekday, ...] = Field(min_length=1)
+    open: str
+    close: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _times(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("open", "close"):
+                if key in data:
+                    data[key] = _clock_time(data[key], key)
+        return data
+
+
+class WeeklySessions(Section):
+    """A trading calendar given as weekly sessions in a time zone, with holidays.
+
+    ``holidays`` are local dates on which the market stays closed all day (00:00 to 24:00);
+    ``early_closes`` map a local date to the time at which the session open then closes.
+    """
+
+    timezone: str
+    sessions: tuple[WeeklySession, ...] = Field(min_length=1)
+    holidays: tuple[date, ...] = ()
+    early_closes: dict[date, str] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _early_times(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("early_closes"), dict):
+            data = dict(data)
+            data["early_closes"] = {k: _clock_time(v, f"early_closes.{k}")
+                                    for k, v in data["early_closes"].items()}
+        return data
+
+    @model_validator(mode="after")
+    def _zone(self) -> "WeeklySessions":
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone {self.timezone!r} is not an IANA time zone "
+                             "(e.g. America/Chicago, Europe/London, UTC)") from None
+        return self
+
+
+# A calendar entry: a name ("24/7" or a pandas_market_calendars calendar) or weekly sessions.
+# The discriminator picks the branch by type, so an error names the field inside the branch.
+CalendarSpec = Annotated[
+    Union[Annotated[str, Tag("name")], Annotated[WeeklySessions, Tag("weekly")]],
+    Discriminator(lambda v: "name" if isinstance(v, str) else "weekly"),
+]
+
+
+def exchange_calendar_names() -> frozenset[str]:
+    """Names of the ``pandas_market_calendars`` calendars (imported on first use: ~1 s)."""
+    import pandas_market_calendars as mcal  # heavy; only configs that name one pay for it
+
+    return frozenset(mcal.get_calendar_names())
+
+
 class Settings(Section):
     """The whole configuration. Build with :func:`load_settings`."""
 
@@ -563,6 +659,27 @@ class Settings(Section):
     safety: SafetyConfig = SafetyConfig()
     controller: ControllerConfig = ControllerConfig()
     shards: ShardConfig = ShardConfig()
+    # Trading calendar per asset (tickcast/market/calendar.py): "24/7" (the default for an
+    # asset not listed), the name of a pandas_market_calendars calendar (e.g. CMEGlobex_FX,
+    # XNYS), or WeeklySessions. Bars are expected only in session; a closure is not a gap.
+    calendars: dict[str, CalendarSpec] = {}
+
+    @field_validator("calendars")
+    @classmethod
+    def _calendars_known(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        assets = info.data.get("assets", ())
+        unknown = sorted(set(value) - set(assets))
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not in assets {list(assets)} (a typo would "
+                             "silently trade 24/7)")
+        names = {a: v for a, v in value.items() if isinstance(v, str) and v != ALWAYS_OPEN}
+        if names:
+            known = exchange_calendar_names()
+            for asset, name in sorted(names.items()):
+                if name not in known:
+                    raise ValueError(f"{asset}: {name!r} is neither \"24/7\" nor a "
+                                     "pandas_market_calendars name (e.g. CMEGlobex_FX, XNYS, XLON)")
+        return value
 
     def with_overrides(self, **updates: Any) -> "Settings":
         """Return a validated copy with top-level or dotted overrides applied."""

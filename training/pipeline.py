@@ -121,7 +121,7 @@ def train_model(
     if bars.empty:
         raise InvalidInput(f"no consensus bars of {asset} under {settings.data_dir}/bars",
                            field="asset")
-    ds = build_dataset(bars, settings, start_ns, end_ns)
+    ds = build_dataset(bars, settings, start_ns, end_ns, asset=asset)
     fit_idx, cal_idx = split_calibration(ds, m.calibration_fraction, m.horizon, m.purge_bars, f)
     fit_ds, cal_ds = ds.take(fit_idx), ds.take(cal_idx)
     folds = walk_forward_folds(fit_ds.ts, m.walk_forward_folds, m.horizon, m.purge_bars, f)

@@ -577,3 +577,79 @@ def _audit(
         "method": pd.Series(list(method), dtype="str"),
         "filled": np.asarray(filled, dtype=bool),
     })
+
+
+def fill_in_sessions(
+    policy: GapPolicy,
+    bars: pd.DataFrame,
+    freq_ns: int,
+    seg_starts: np.ndarray,
+    seg_ends: np.ndarray,
+    alternates: Mapping[str, pd.DataFrame] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run ``policy`` separately over each run of expected bar slots (each trading session).
+
+    A closure of the market is not a gap: nothing is expected between two sessions, so nothing
+    there is imputed or audited. Each session is filled as a series of its own whose range is
+    the session (``[seg_start, seg_end)``), so neither neighbour of a closure serves the other
+    side: a hole at the start of a session has no bar before it (no forward fill from the last
+    close, no interpolation across the closure; only provider recovery, else excluded), and a
+    hole at its end has no bar after it (forward fill when short, else recovery or excluded).
+
+    Parameters
+    ----------
+    policy
+        The gap policy.
+    bars
+        The series (bar schema); bars outside every segment are ignored.
+    freq_ns
+        Bar length in ns.
+    seg_starts, seg_ends
+        Sorted, disjoint, grid-aligned runs of expected slots
+        (:meth:`tickcast.market.calendar.TradingCalendar.expected_segments`).
+    alternates
+        As for :meth:`GapPolicy.fill`.
+
+    Returns
+    -------
+    (filled_bars, audit)
+        As :meth:`GapPolicy.fill`: the bars of all segments with their gaps filled, and one
+        audit row per filled or excluded segment of a gap.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from tickcast.config import GapConfig
+    >>> m = 60_000_000_000
+    >>> closes = {0: 100.0, 2: 102.0, 3: 103.0, 10: 110.0, 12: 112.0}  # closed at minutes 5-9
+    >>> bars = pd.DataFrame({"ts": [k * m for k in closes], "open": list(closes.values()),
+    ...     "high": list(closes.values()), "low": list(closes.values()),
+    ...     "close": list(closes.values()), "volume": 1.0, "vwap": list(closes.values()),
+    ...     "ticks": 1, "providers": 1, "confidence": 0.0, "imputed": ""})
+    >>> policy = GapPolicy(GapConfig(ffill_max_minutes=0, interp_max_minutes=5))
+    >>> filled, audit = fill_in_sessions(policy, bars, m, np.array([0, 10 * m]),
+    ...                                  np.array([5 * m, 13 * m]))
+    >>> (filled["ts"] // m).tolist()  # minute 4 ends a session: nothing to interpolate towards
+    [0, 1, 2, 3, 10, 11, 12]
+    >>> audit[["missing_minutes", "method"]].values.tolist()
+    [[1.0, 'interpolate'], [1.0, 'excluded'], [1.0, 'interpolate']]
+    """
+    freq = _check_freq(freq_ns)
+    starts = np.asarray(seg_starts, dtype=np.int64)
+    ends = np.asarray(seg_ends, dtype=np.int64)
+    if starts.shape != ends.shape or (len(starts) and (
+            (ends <= starts).any() or (starts[1:] < ends[:-1]).any())):
+        raise InvalidInput("session segments must be sorted, disjoint and non-empty",
+                           field="segments")
+    ts = bar_columns(bars)["ts"]
+    filled: list[pd.DataFrame] = []
+    audits: list[pd.DataFrame] = []
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        inside = (ts >= s) & (ts < e)
+        f, a = policy.fill(bars.loc[inside], freq, alternates, start_ns=s, end_ns=e)
+        filled.append(f)
+        audits.append(a)
+    if not filled:
+        return _frame(bar_columns(bars.iloc[:0])), _audit([], [], [], [], [])
+    return (pd.concat(filled, ignore_index=True),
+            pd.concat(audits, ignore_index=True))

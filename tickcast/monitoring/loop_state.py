@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from tickcast.config import SafetyConfig
+from tickcast.market.calendar import TradingCalendar
 from tickcast.monitoring.book import BookRejected, BookUpdate
 from tickcast.monitoring.drift import DriftMonitor
 from tickcast.monitoring.pnl import BP
@@ -204,6 +205,10 @@ class SafetyTracker:
         Paper trading cost (``model.fee_bp``).
     champion
         Current champion version (None: no model yet, every bar flat).
+    calendar
+        The asset's trading calendar. The first bar after a closure is fed as a *reopen*
+        (:meth:`SafetyState.update`): the jump over the closure is no one-bar return, so the
+        volatility windows and the regime skip it; the paper accounts still mark it.
 
     Examples
     --------
@@ -229,7 +234,12 @@ class SafetyTracker:
     [(5, True, 0.065)]
     """
 
-    def __init__(self, cfg: SafetyConfig, fee_bp: float, champion: str | None) -> None:
+    # Default for trackers pickled before calendars existed (24/7).
+    calendar: TradingCalendar | None = None
+
+    def __init__(self, cfg: SafetyConfig, fee_bp: float, champion: str | None,
+                 calendar: TradingCalendar | None = None) -> None:
+        self.calendar = calendar
         self.cfg = cfg
         self.state = SafetyState(cfg, fee_bp)
         self.champion = champion
@@ -259,7 +269,7 @@ class SafetyTracker:
                         np.asarray(close, dtype=np.float64).tolist()):
             if t <= self.last_bar_ts or not (math.isfinite(c) and c > 0):
                 continue
-            self.state.update(c, None, None, ts=t)
+            self.state.update(c, None, None, ts=t, reopen=self._reopens(t))
             self.last_bar_ts = self.last_done_ts = t
             self.counts["warm_bars"] += 1
         return self.state.status
@@ -322,11 +332,12 @@ class SafetyTracker:
                 break  # the newest bar waits for its forecast (or the next bar)
             self._queue.popleft()
             self._apply_book(t)
+            reopen = self._reopens(t)
             if fc is None:
-                status = self.state.update(close, None, None, ts=t)
+                status = self.state.update(close, None, None, ts=t, reopen=reopen)
                 self.counts["without_forecast"] += 1
             else:
-                status = self.state.update(close, fc[0], fc[1], ts=t)
+                status = self.state.update(close, fc[0], fc[1], ts=t, reopen=reopen)
                 self.counts["with_forecast"] += 1
             self.counts["bars"] += 1
             self.last_done_ts = t
@@ -334,6 +345,12 @@ class SafetyTracker:
         for k in [k for k in self._forecasts if k <= self.last_done_ts]:
             del self._forecasts[k]
         return out
+
+    def _reopens(self, ts: int) -> bool:
+        """Whether the market closed between the last bar processed and the bar at ``ts``."""
+        cal = self.calendar
+        return (cal is not None and not cal.always_open and self.last_done_ts >= 0
+                and cal.closed_between(self.last_done_ts, ts))
 
     def new_champion(self, version: str | None, ts: int | None = None) -> SafetyStatus:
         """A new champion trades from now on: fresh paper accounts, halt lifted."""

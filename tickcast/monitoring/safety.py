@@ -220,7 +220,8 @@ class SafetyState:
 
     # -- update ------------------------------------------------------------------------
     def update(self, bar_close: float, forecast: float | None = None,
-               interval_bp: float | None = None, *, ts: int | None = None) -> SafetyStatus:
+               interval_bp: float | None = None, *, ts: int | None = None,
+               reopen: bool = False) -> SafetyStatus:
         """Process one bar close and the champion's forecast for the next bar.
 
         Parameters
@@ -233,6 +234,10 @@ class SafetyState:
             Width of the predicted interval in basis points of price; ``None``: unknown.
         ts
             Bar timestamp (UNIX ns), copied into the events.
+        reopen
+            The bar is the first after a market closure: its move from the last close before
+            the closure is marked on the paper accounts (a held position bears it) but is not
+            a one-bar return, so it stays out of the volatility windows and the regime.
 
         Raises
         ------
@@ -255,8 +260,9 @@ class SafetyState:
             self.shadow.mark(simple)
             self.managed.mark(simple)
             self.book.mark(simple)
-            self._push_return(math.log(close / self._prev_close))
-            self._regime_step(events, ts)
+            if not reopen:
+                self._push_return(math.log(close / self._prev_close))
+                self._regime_step(events, ts)
         self._prev_close = close
         self._halt_step(events, ts)
         self._wide_step(width, events, ts)

@@ -40,12 +40,18 @@ tick the same as without this feature (regime draws come from a stream of their 
 Ticks are generated in vectorized blocks of event time and emitted per asset in batches of
 ``batch_s`` of receive time (``ts_init``), in delivery order. A provider delivers its own ticks in
 order (as over one TCP connection), except the injected out-of-order and late ones.
+
+An asset with a trading calendar (``calendars``; :meth:`MarketSimulator.from_settings` takes
+``calendars.<ASSET>``) trades only in session: no tick has an event time in a closure. The mid
+keeps moving through the closure, so the first ticks after the open jump by the closure's
+worth of volatility (the gap at the reopen). Assets without one (24/7) are generated exactly as
+before.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -60,6 +66,7 @@ from tickcast.config import (
     SimulatorConfig,
 )
 from tickcast.errors import TickStatus
+from tickcast.market.calendar import TradingCalendar, trading_calendar
 from tickcast.ticks import NS_PER_MIN, NS_PER_S, TickBatch
 
 KINDS: tuple[str, ...] = (
@@ -234,6 +241,7 @@ class _AssetState:
     frozen_until: int = 0
     frozen_anchor_ts: int = 0
     frozen_quote: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    calendar: TradingCalendar | None = None  # None or 24/7: trades around the clock
     pending: dict[str, np.ndarray] = field(default_factory=_empty_columns)
     emitted: list[dict[str, np.ndarray]] = field(default_factory=list)
 
@@ -258,6 +266,8 @@ class MarketSimulator:
         Sequence number of every provider's first tick. A feed restarted onto streams that
         already carry its earlier ticks must number above them: consumers drop a repeated
         ``(provider, seq)`` as a duplicate.
+    calendars
+        Trading calendar per asset; an asset absent (or 24/7) trades around the clock.
 
     Raises
     ------
@@ -286,6 +296,7 @@ class MarketSimulator:
         bars: BarConfig | None = None,
         start_ns: int = DEFAULT_START_NS,
         first_seq: int = 0,
+        calendars: Mapping[str, TradingCalendar] | None = None,
     ) -> None:
         assets = tuple(assets)
         if first_seq < 0:
@@ -345,6 +356,7 @@ class MarketSimulator:
                 init_carry=np.full(n_p, np.iinfo(np.int64).min, dtype=np.int64),
                 last_quote=np.full((n_p, 3), np.nan), last_ts=np.full(n_p, -1, dtype=np.int64),
                 last_clean=np.zeros(n_p, dtype=bool), regimes=regimes,
+                calendar=(calendars or {}).get(asset),
             ))
 
     @classmethod
@@ -352,10 +364,13 @@ class MarketSimulator:
         cls, settings: Settings, seed: int, assets: tuple[str, ...] | None = None,
         start_ns: int | None = None,
     ) -> "MarketSimulator":
-        """A simulator shaped by the whole configuration (simulator, consensus, bars)."""
-        return cls(settings.simulator, assets or settings.assets, seed,
+        """A simulator shaped by the whole configuration (simulator, consensus, bars,
+        calendars)."""
+        assets = assets or settings.assets
+        return cls(settings.simulator, assets, seed,
                    consensus=settings.consensus, bars=settings.bars,
-                   start_ns=DEFAULT_START_NS if start_ns is None else start_ns)
+                   start_ns=DEFAULT_START_NS if start_ns is None else start_ns,
+                   calendars={a: trading_calendar(settings, a) for a in assets})
 
     # ------------------------------------------------------------------ public API
 
@@ -521,6 +536,15 @@ class MarketSimulator:
         ts = t0 + (rng.random(n) * (t1 - t0)).astype(np.int64)
         order = np.lexsort((provider, ts))
         provider, ts = provider[order], ts[order]
+        if st.calendar is not None and not st.calendar.always_open:
+            # Nothing trades while the market is closed; the mid moves on regardless (below,
+            # dt spans the closure), which makes the gap at the reopen.
+            in_session = st.calendar.is_open(ts)
+            if not in_session.all():
+                provider, ts = provider[in_session], ts[in_session]
+                n = len(ts)
+                if n == 0:
+                    return
 
         # The common mid: exact GBM sampling at every tick time (volatility piecewise constant
         # per regime step when the asset has regimes).
