@@ -59,7 +59,7 @@ def ray_session() -> Iterator[None]:
         from ray import serve
 
         serve.shutdown()
-    except Exception:
+    except Exception:  # noqa: BLE001 - Serve never started
         pass
     ray.shutdown()
 

@@ -41,6 +41,7 @@ from typing import Iterator
 
 from tickcast.config import Settings
 from tickcast.errors import RayUnavailable
+from tickcast.ray_auth import attach_token_auth
 from tickcast.signals import Interrupted
 
 NAMESPACE = "tickcast"
@@ -126,6 +127,7 @@ def connect_ray(settings: Settings | None = None, *, num_cpus: int | None = None
         return RayConnection(started=False, address="")
     address = _cluster_address(settings)
     if address is not None:
+        attach_token_auth()  # a cluster from `ray start --head` may want its token (tickcast.ray_auth)
         kwargs: dict[str, object] = {"address": address, "namespace": NAMESPACE,
                                      "log_to_driver": log_to_driver}
         if not in_ray_job():

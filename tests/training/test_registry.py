@@ -130,7 +130,7 @@ def test_concurrent_alias_writers_lose_no_update(reg: ModelRegistry) -> None:
             for i in range(rounds):
                 reg.set_alias(ASSET, alias, versions[i % len(versions)])
                 json.loads((reg.root / ASSET / "aliases.json").read_text())  # always whole
-        except BaseException as exc:  # surfaced below
+        except BaseException as exc:  # noqa: BLE001 - surfaced below
             errors.append(exc)
 
     threads = [threading.Thread(target=writer, args=(a, 30)) for a in ALIASES]
