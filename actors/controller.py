@@ -67,13 +67,14 @@ from actors.loop_support import (CheckpointedLoopActor, EventSink,
                                  LoopMetrics, call_quietly, checkpoint_path,
                                  get_or_create, kill_named, load_checkpoint, read_entries,
                                  save_checkpoint, settings_fingerprint, stream_tail_id)
+from serve_app.metrics import MetricsSnapshot, candidate_sla
 from tickcast.config import Settings
 from tickcast.errors import TickcastError
 from tickcast.monitoring import metrics_names as mn
 from tickcast.monitoring.events import make_event
 from tickcast.monitoring.shadow_eval import (Comparison, Decision, ForecastJoin, PairedSample,
                                              compare_forecasts, decide_promotion, decide_rollback,
-                                             parse_prediction, sla_since)
+                                             parse_prediction)
 from tickcast.ray_runtime import ROOT, WORKING_DIR_EXCLUDES
 from tickcast.redis_server import connect
 from tickcast.storage.bar_store import BarStore
@@ -263,7 +264,7 @@ class Controller(CheckpointedLoopActor):
             self._jobs_checked = True
         return self._jobs
 
-    def _serve_snapshots(self) -> dict[str, Any]:
+    def _serve_snapshots(self) -> dict[str, MetricsSnapshot]:
         """Every live replica's cumulative metrics snapshot (published by the replicas)."""
         prefix = self.settings.serve.redis_prefix
         ids = [i.decode() if isinstance(i, bytes) else str(i)
@@ -276,7 +277,7 @@ class Controller(CheckpointedLoopActor):
             if raw is None:
                 continue
             try:
-                out[rid] = json.loads(raw).get("metrics", {})
+                out[rid] = MetricsSnapshot.from_dict(json.loads(raw).get("metrics", {}))
             except (ValueError, AttributeError):
                 continue
         return out
@@ -664,7 +665,8 @@ class Controller(CheckpointedLoopActor):
         c = self.settings.controller
         sample = loop.sample
         n = sample.n if sample is not None else 0
-        sla = sla_since(loop.baseline or {}, self._serve_snapshots())
+        # Only the new champion's own requests and 5xx count, never other assets' or slots'.
+        sla = candidate_sla(loop.baseline or {}, self._serve_snapshots(), loop.asset, loop.candidate)
         decision = decide_rollback(self._compare(loop, c.watch_labels), n, sla, c)
         if decision.action == "wait":
             route = self.control.store.load().get(loop.asset)

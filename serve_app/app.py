@@ -34,8 +34,10 @@ import math
 import os
 import random
 import re
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -58,9 +60,13 @@ from serve_app import schemas
 from serve_app.autoscaling import BUSY_METRIC, BusyMeter, policy_config
 from serve_app.control import RoutingStore, TrafficControl
 from serve_app.feature_cache import FeatureCache
-from serve_app.metrics import ServeMetrics, merge_snapshots, render_prometheus
+from serve_app.metrics import (ModelFault, ModelKey, ServeMetrics, merge_snapshots,
+                               render_prometheus)
 from serve_app.prediction_log import PredictionLogger, Row
-from serve_app.predictor import BatchResult, Scored, ServingView
+from serve_app.predictor import (AssetView, BatchResult, ModelFailed, ModelUnusable, Scored,
+                                 ServingView)
+from serve_app.request_clock import (RequestClock, RequestTag, install_arrival_stamp,
+                                     tag_of)
 from serve_app.routing import sticky_unit
 from serve_app.sessions import SessionBook
 from serve_app.slots import ModelLoader, SlotManager
@@ -77,8 +83,9 @@ log = logging.getLogger(__name__)
 APP_NAME = "tickcast"
 DEPLOYMENT_NAME = "tickcast-predictor"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_PREDICT_ENDPOINTS = frozenset({"predict", "batch"})  # what the Ray metrics (Grafana's SLA) cover
 _JSON = "application/json"
-ERRORS = {code: {"model": schemas.ErrorResponse} for code in (404, 409, 413, 422, 503)}
+ERRORS = {code: {"model": schemas.ErrorResponse} for code in (404, 409, 413, 422, 500, 503)}
 ADMIN_ERRORS = {code: {"model": schemas.ErrorResponse} for code in (401, 403, 404, 409, 413, 422, 503)}
 # Headers the prediction handlers read from the request itself (declaring them as FastAPI
 # parameters would cost a dependency resolution per request, ~7 % of a replica's CPU).
@@ -116,6 +123,9 @@ class _Runtime:
 
 
 _RUNTIME = _Runtime()
+# The request clock starts when the replica's HTTP server reads a request (see
+# serve_app.request_clock): this module is imported in every replica before its server starts.
+ARRIVAL_STAMP = install_arrival_stamp()
 
 
 # ----------------------------------------------------------------------- errors and limits
@@ -126,16 +136,53 @@ class BodyTooLarge(TickcastError):
     code = "too_large"
 
 
-def _error_response(exc: TickcastError, request_id: str | None = None) -> JSONResponse:
+class BatchModelsFailed(TickcastError):
+    """No asset of a batch could be served and models failed (HTTP 500); each failing model
+    is already counted against itself."""
+
+    status = 500
+    code = ModelFailed.code
+
+
+def now_iso() -> str:
+    """The server's current time, ISO 8601 UTC with microseconds (``…Z``).
+
+    >>> import re; bool(re.fullmatch(r"\\d{4}-\\d\\d-\\d\\dT\\d\\d:\\d\\d:\\d\\d\\.\\d{6}Z", now_iso()))
+    True
+    """
+    seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    return f"{_iso_second(seconds)}.{micros:06d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _iso_second(seconds: int) -> str:
+    # Per second, not per call: datetime formatting cost ~3 % of a request (py-spy).
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def error_body(exc: TickcastError, request_id: str | None = None) -> dict[str, Any]:
+    """The JSON object of an error answer (schema :class:`serve_app.schemas.ErrorResponse`)."""
     body = exc.to_dict()
     if request_id:
         body["request_id"] = request_id
+    body["timestamp"] = now_iso()
+    return body
+
+
+def _note_error(scope: Scope, code: str) -> None:
+    tag = tag_of(scope)
+    if tag is not None:
+        tag.error = code
+
+
+def _error_response(exc: TickcastError, request_id: str | None = None) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return JSONResponse(body, status_code=exc.status, headers=headers)
+    return JSONResponse(error_body(exc, request_id), status_code=exc.status, headers=headers)
 
 
 @app.exception_handler(TickcastError)
 async def _tickcast_error(request: Request, exc: TickcastError) -> JSONResponse:
+    _note_error(request.scope, exc.code)
     return _error_response(exc, getattr(exc, "request_id", None))
 
 
@@ -153,14 +200,13 @@ def validation_body(errors: list[Any]) -> dict[str, Any]:
     return {"error": "invalid_input", "detail": f"{field}: {first.get('msg', 'invalid')}",
             "field": field,
             "errors": [{"field": _loc_field(e.get("loc", ())), "msg": str(e.get("msg", ""))}
-                       for e in errors[:20]]}
+                       for e in errors[:20]],
+            "timestamp": now_iso()}
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    replica = _RUNTIME.replica
-    if replica is not None:
-        replica.metrics.observe(_endpoint_of(request), "none", 422, 0.0, error="invalid_input")
+    _note_error(request.scope, "invalid_input")
     return JSONResponse(validation_body(list(exc.errors())), status_code=422)
 
 
@@ -168,12 +214,9 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # A defect of ours, never a client's mistake: logged with its traceback, answered 500.
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return JSONResponse({"error": "internal", "detail": f"{type(exc).__name__}"}, status_code=500)
-
-
-def _endpoint_of(request: Request) -> str:
-    path = request.url.path
-    return {"/v1/predict": "predict", "/v1/predict/batch": "batch"}.get(path, "other")
+    _note_error(request.scope, "internal")
+    return JSONResponse({"error": "internal", "detail": f"{type(exc).__name__}",
+                         "timestamp": now_iso()}, status_code=500)
 
 
 class BodyLimitMiddleware:
@@ -205,12 +248,12 @@ class BodyLimitMiddleware:
                 break
         if declared is not None:
             if not declared.isdigit():
-                await _send_error(send, InvalidInput("Content-Length is not a number",
-                                                     field="Content-Length"), close=True)
+                await _send_error(scope, send, InvalidInput("Content-Length is not a number",
+                                                            field="Content-Length"), close=True)
                 return
             if int(declared) > limit:
                 ended = int(declared) <= limit + drain and await _drain(receive, drain)
-                await _send_error(send, BodyTooLarge(
+                await _send_error(scope, send, BodyTooLarge(
                     f"request body of {int(declared)} bytes exceeds serve.max_body_bytes = {limit}",
                     field="body"), close=not ended)
                 return
@@ -229,7 +272,7 @@ class BodyLimitMiddleware:
             size += len(message.get("body", b""))
             if size > limit:
                 ended = not message.get("more_body", False) or await _drain(receive, drain)
-                await _send_error(send, BodyTooLarge(
+                await _send_error(scope, send, BodyTooLarge(
                     f"request body exceeds serve.max_body_bytes = {limit}", field="body"),
                     close=not ended)
                 return
@@ -258,8 +301,9 @@ async def _drain(receive: Receive, budget: int) -> bool:
             return True
 
 
-async def _send_error(send: Send, exc: TickcastError, close: bool) -> None:
-    body = json.dumps(exc.to_dict()).encode()
+async def _send_error(scope: Scope, send: Send, exc: TickcastError, close: bool) -> None:
+    _note_error(scope, exc.code)
+    body = json.dumps(error_body(exc)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if close:
         headers.append((b"connection", b"close"))
@@ -300,22 +344,20 @@ class PredictFastPath:
             if not message.get("more_body", False):
                 break
         raw = b"".join(chunks)
-        t0 = time.perf_counter()
+        tag = tag_of(scope)
         try:
             body = schemas.PredictRequest.model_validate_json(raw)
         except ValidationError as exc:
-            replica.metrics.observe("predict", "none", 422, (time.perf_counter() - t0) * 1e3,
-                                    error="invalid_input")
+            _note_error(scope, "invalid_input")
             await _send_json(send, 422, _dumps(validation_body(exc.errors(include_url=False))))
             return
         try:
-            out = await replica._single(replica.predict_bytes, body, headers)
+            if body.explain:  # TreeSHAP takes milliseconds: a scoring thread, never the loop
+                out = await replica._scoring(replica.predict_bytes, body, headers, tag)
+            else:
+                out = await replica._single(replica.predict_bytes, body, headers, tag)
         except TickcastError as exc:
-            rid = getattr(exc, "request_id", None)
-            err = exc.to_dict()
-            if rid:
-                err["request_id"] = rid
-            await _send_json(send, exc.status, _dumps(err),
+            await _send_json(send, exc.status, _dumps(error_body(exc, getattr(exc, "request_id", None))),
                              [(b"www-authenticate", b"Bearer")] if exc.status == 401 else None)
             return
         await _send_json(send, 200, out)
@@ -339,9 +381,17 @@ def _body_drain() -> int:
     return _RUNTIME.body_drain_bytes
 
 
+def _report(tag: RequestTag, status: int, latency_ms: float) -> None:
+    replica = _RUNTIME.replica
+    if replica is not None:
+        replica.record_request(tag, status, latency_ms)
+
+
 app.add_middleware(PredictFastPath)
-# Added last, so outermost: the size limit applies before anything reads a body.
+# The size limit applies before anything reads a body.
 app.add_middleware(BodyLimitMiddleware, limit=_body_limit, drain=_body_drain)
+# Added last, so outermost: every request is timed and counted, whatever answers it.
+app.add_middleware(RequestClock, report=_report)
 
 
 def require_admin(authorization: str | None = Header(None, description="Bearer <admin token>")) -> None:
@@ -383,18 +433,28 @@ def _price_fields(s: Scored) -> tuple[float | None, float | None, float | None]:
         return None, None, None
 
 
+def forecast_status(halted: bool, calibrated: bool) -> str:
+    """A forecast's ``status`` (:class:`serve_app.schemas.ForecastStatus`): ``halted`` when the
+    safety breaker holds exposure at zero, ``uncalibrated`` when the model has no conformal
+    state (the raw quantiles are served), else ``ok``."""
+    if halted:
+        return schemas.ForecastStatus.HALTED.value
+    return schemas.ForecastStatus.OK.value if calibrated else schemas.ForecastStatus.UNCALIBRATED.value
+
+
 def prediction_body(s: Scored, latency_ms: float | None, request_id: str | None) -> dict[str, Any]:
     """The JSON object of one prediction (schema :class:`serve_app.schemas.Prediction`)."""
     pred_price, lo_price, hi_price = _price_fields(s)
     return {
         "asset": s.asset, "slot": s.slot, "model_version": s.version,
+        "status": forecast_status(s.safety.halted, s.calibrated),
         "pred_log_return": _finite(s.pred), "lo_log_return": _finite(s.lo),
         "hi_log_return": _finite(s.hi), "coverage": s.coverage,
         "price": s.price, "pred_price": pred_price, "lo_price": lo_price, "hi_price": hi_price,
         "bar_ts": s.bar_ts, "bar_time": _iso(s.bar_ts),
         "feature_age_s": None if s.age_s is None else round(s.age_s, 3),
         "regime": s.safety.regime, "multiplier": s.safety.multiplier, "halted": s.safety.halted,
-        "latency_ms": latency_ms, "request_id": request_id,
+        "timestamp": now_iso(), "latency_ms": latency_ms, "request_id": request_id,
     }
 
 
@@ -411,8 +471,13 @@ def batch_columns(res: BatchResult) -> dict[str, list[Any] | np.ndarray]:
         hi_price = res.price * np.exp(res.hi)
     bar_ts = [None if b < 0 else b for b in res.bar_ts.tolist()]  # -1: explicit features
     times = {b: _iso(b) for b in set(bar_ts)}
+    halted = np.asarray(res.halted, dtype=bool)
+    calibrated = np.ones(len(res), dtype=bool) if res.calibrated is None else res.calibrated
+    status = np.where(halted, schemas.ForecastStatus.HALTED.value,
+                      np.where(calibrated, schemas.ForecastStatus.OK.value,
+                               schemas.ForecastStatus.UNCALIBRATED.value)).tolist()
     return {
-        "asset": res.asset, "slot": res.slot, "model_version": res.version,
+        "asset": res.asset, "slot": res.slot, "model_version": res.version, "status": status,
         "pred_log_return": res.pred, "lo_log_return": res.lo, "hi_log_return": res.hi,
         "coverage": res.coverage, "price": res.price, "pred_price": pred_price,
         "lo_price": lo_price, "hi_price": hi_price,
@@ -443,7 +508,7 @@ def result_from_scored(served: list[Scored], shadows: list[Scored]) -> BatchResu
         shadow_version=[s.version for s in shadows], shadow_pred=arr(shadows, "pred"),
         shadow_lo=arr(shadows, "lo"), shadow_hi=arr(shadows, "hi"), shadow_price=arr(shadows, "price"),
         shadow_bar_ts=np.asarray([-1 if s.bar_ts is None else s.bar_ts for s in shadows], dtype=np.int64),
-        errors=[])
+        errors=[], calibrated=np.asarray([s.calibrated for s in served], dtype=bool))
 
 
 def _dumps(obj: Any) -> bytes:
@@ -458,19 +523,32 @@ def _log_row(request_id: str, s: Scored, shadow: bool) -> Row:
     return (request_id, s.asset, s.slot, s.version, s.bar_ts, s.pred, s.lo, s.hi, s.price, shadow)
 
 
-def haproxy_env(drain_period_s: float = 5.0, threads: int = 1) -> dict[str, str]:
+def haproxy_env(drain_period_s: float = 5.0, threads: int = 1,
+                run_dir: str | Path | None = None) -> dict[str, str]:
     """Environment for Serve's controller (inherited by its proxies and replicas).
 
-    HAProxy ingress on; its stats and Prometheus ports default to fixed numbers (8404, 9101),
-    and on a shared host two Serve instances would collide, so each gets free ports. A stopping
+    HAProxy ingress on. Its stats and Prometheus ports, its fallback proxy's ports (8500, 9500)
+    and its files (config, admin socket, server state, metrics socket: all under
+    ``/tmp/haproxy-serve``) default to fixed values, and on a shared host two Serve instances
+    would collide: one's HAProxy reloads the other's config. So each instance gets free ports
+    and its own ``run_dir`` (a fresh temporary directory when not given). A stopping
     replica stays reachable for ``drain_period_s`` so HAProxy (reloaded within about half a
     second on one node) stops sending it requests before it closes: scale-down drops nothing.
     Ray's default of 30 s would make every deletion and downscale take that long. HAProxy's
     thread count defaults to 4 in Ray; on a 2-core host one thread is enough and contends less.
     """
+    run = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="tickcast-haproxy-"))
+    run.mkdir(parents=True, exist_ok=True)
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1",
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(run / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(run / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(run),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(run / "server-state"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(run / "metrics.sock"),
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(drain_period_s),
             "RAY_SERVE_HAPROXY_NBTHREAD": str(threads)}
 
@@ -624,11 +702,25 @@ class PredictorReplica:
             return sticky_unit(key[:256], self.sticky_salt)
         return random.random()
 
-    def _failed(self, endpoint: str, exc: TickcastError, t0: float, request_id: str) -> TickcastError:
-        self.metrics.observe(endpoint, "none", exc.status, (time.perf_counter() - t0) * 1e3,
-                             error=exc.code)
+    def _failed(self, tag: RequestTag, exc: TickcastError, request_id: str) -> TickcastError:
+        """Note a failed request on its tag (counted when its response is written) and, when
+        the failure is the served model's own, against that model."""
+        tag.error = exc.code
+        if isinstance(exc, (ModelFailed, ModelUnusable)):
+            self.metrics.count_model_errors([exc.fault])
+        else:  # no model served it (a client's mistake, stale features): no model's request
+            tag.slot, tag.models = "none", ()
         exc.request_id = request_id  # type: ignore[attr-defined]
         return exc
+
+    def record_request(self, tag: RequestTag, status: int, latency_ms: float) -> None:
+        """Count one answered request (called by :class:`serve_app.request_clock.RequestClock`
+        once its last byte is written): every status, latency from arrival."""
+        error = tag.error if tag.error is not None or status < 400 else f"http_{status}"
+        self.metrics.observe(tag.endpoint, tag.slot, status, latency_ms, error=error,
+                             models=tag.models)
+        if tag.endpoint in _PREDICT_ENDPOINTS:
+            self._latencies.append((tag.slot, status, latency_ms))
 
     def _apply(self, rev: int) -> bool:
         """Make this replica serve revision ``rev`` now (others follow within a refresh)."""
@@ -679,12 +771,19 @@ class PredictorReplica:
         self._stop.set()
 
     # ------------------------------------------------------------------ predict
-    def _predict(self, body: schemas.PredictRequest, headers: HeaderGetter) -> Response:
-        return Response(self.predict_bytes(body, headers), media_type=_JSON)
+    def _predict(self, body: schemas.PredictRequest, headers: HeaderGetter,
+                 tag: RequestTag | None) -> Response:
+        return Response(self.predict_bytes(body, headers, tag), media_type=_JSON)
 
-    def predict_bytes(self, body: schemas.PredictRequest, headers: HeaderGetter) -> bytes:
-        """One prediction as response bytes (raises :class:`TickcastError` on failure)."""
-        t0 = time.perf_counter()
+    def predict_bytes(self, body: schemas.PredictRequest, headers: HeaderGetter,
+                      tag: RequestTag | None = None) -> bytes:
+        """One prediction as response bytes (raises :class:`TickcastError` on failure).
+
+        ``tag`` is the request's (:class:`serve_app.request_clock.RequestTag`); the slot and
+        model that served it, or the error, are noted there and counted once the response is
+        written. Without one (a direct call) the clock starts here.
+        """
+        tag = tag if tag is not None else RequestTag(time.perf_counter(), "predict")
         rid = self._request_id(headers)
         try:
             view = self._current_view()
@@ -692,34 +791,58 @@ class PredictorReplica:
             slot = av.route.choose(self._unit(headers))
             shadow_slot = av.route.shadow_of(slot)
             shadow: Scored | None = None
-            if body.features is None:
-                age = view.check_fresh(av, time.time_ns())
-                served = view.score_online(av, slot, age)
-                if shadow_slot is not None:
-                    try:
-                        shadow = view.score_online(av, shadow_slot, age)
-                    except ServiceUnavailable:
-                        shadow = None  # the shadow model cannot use these features: skip it
+            online = body.features is None
+            age = view.check_fresh(av, time.time_ns()) if online else None
+            inp = av.slot_input(slot)
+            if inp is not None:  # from here on, a failure may be the model's own
+                tag.slot = slot
+                tag.models = ((av.asset, slot, inp.model.version),)
+            if online:
+                served = view.score_online(av, slot, age)  # type: ignore[arg-type]
             else:
-                served = view.score_explicit(av, slot, body.features, body.price)  # type: ignore[assignment]
-                if shadow_slot is not None:
-                    shadow = view.score_explicit(av, shadow_slot, body.features, body.price, strict=False)
+                served = view.score_explicit(av, slot, body.features, body.price)  # type: ignore[assignment,arg-type]
+            if shadow_slot is not None:
+                shadow = self._shadow(view, av, shadow_slot, body, age)
+            explanation = self._explain(served) if body.explain else None
         except TickcastError as exc:
-            raise self._failed("predict", exc, t0, rid) from None
-        latency = (time.perf_counter() - t0) * 1e3
-        out = prediction_body(served, round(latency, 3), rid)
+            raise self._failed(tag, exc, rid) from None
+        out = prediction_body(served, round(tag.elapsed_ms(), 3), rid)
+        if explanation is not None:
+            out["explanation"] = explanation
         rows = [_log_row(rid, served, False)]
         if shadow is not None:
             rows.append(_log_row(rid, shadow, True))
             self.metrics.count_predictions(shadow.slot, "shadow")
         self.logger.submit(rows)
-        self.metrics.observe("predict", served.slot, 200, latency)
         self.metrics.count_predictions(served.slot, "served")
-        self._latencies.append((served.slot, 200, latency))
         return _dumps(out)
 
-    def _predict_batch(self, body: schemas.BatchPredictRequest, headers: HeaderGetter) -> Response:
-        t0 = time.perf_counter()
+    def _shadow(self, view: ServingView, av: AssetView, slot: str, body: schemas.PredictRequest,
+                age: float | None) -> Scored | None:
+        """The shadow slot's prediction, or None when it cannot make one: it is never served,
+        so its failure fails no request (a model's own failure is counted under the
+        ``shadow`` endpoint)."""
+        try:
+            if body.features is None:
+                return view.score_online(av, slot, age)  # type: ignore[arg-type]
+            return view.score_explicit(av, slot, body.features, body.price, strict=False)
+        except (ModelFailed, ModelUnusable) as exc:
+            self.metrics.observe("shadow", slot, exc.status, 0.0, error=exc.code)
+            return None
+        except ServiceUnavailable:
+            return None
+
+    @staticmethod
+    def _explain(s: Scored) -> dict[str, Any]:
+        """TreeSHAP of the served median (loads the model's native booster on first use)."""
+        model = s.model
+        if model is None or model.explainer is None or s.x is None:
+            raise ServiceUnavailable("no explanation available for this prediction", field="explain")
+        return model.explainer.explain(s.x).to_dict()
+
+    def _predict_batch(self, body: schemas.BatchPredictRequest, headers: HeaderGetter,
+                       tag: RequestTag | None) -> Response:
+        tag = tag if tag is not None else RequestTag(time.perf_counter(), "batch")
         rid = self._request_id(headers)
         limit = self.settings.serve.max_batch_assets
         n = len(body.assets) if body.assets is not None else len(body.rows or [])
@@ -733,12 +856,28 @@ class PredictorReplica:
                 res = view.score_batch(body.assets, u, time.time_ns())
             else:
                 res = self._explicit_rows(view, body.rows or [], u)
-            if not len(res) and res.errors:
-                raise ServiceUnavailable("no asset of the batch could be served: " + res.errors[0][2])
+            # Every model the batch asked for, served or failing on its own account.
+            models: list[ModelKey] = list(zip(res.asset, res.slot, res.version))
+            models.extend((a, sl, v) for a, sl, v, _, _ in res.faults)
+            tag.models = models
+            tag.slot = res.slot[0] if len(res) else (res.faults[0][1] if res.faults else "none")
+            if res.faults:
+                self.metrics.count_model_errors(res.faults)
+            if res.shadow_faults:
+                for _, sl, _, code, status in res.shadow_faults:
+                    self.metrics.observe("shadow", sl, status, 0.0, error=code)
         except TickcastError as exc:
-            raise self._failed("batch", exc, t0, rid) from None
+            raise self._failed(tag, exc, rid) from None
+        if not len(res) and res.errors:
+            # Nothing served. The models that failed are counted against themselves (above)
+            # and keep this request; stale features or missing models blame no model.
+            why = "no asset of the batch could be served: " + res.errors[0][2]
+            failure: TickcastError = (BatchModelsFailed(why) if any(
+                f[4] == ModelFailed.status for f in res.faults) else ServiceUnavailable(why))
+            tag.error = failure.code
+            failure.request_id = rid  # type: ignore[attr-defined]
+            raise failure
         columns = batch_columns(res)
-        latency = (time.perf_counter() - t0) * 1e3
         out: dict[str, Any] = {"request_id": rid, "count": len(res)}
         if body.format == "columns":
             out["columns"] = columns
@@ -747,7 +886,8 @@ class PredictorReplica:
             lists = [c.tolist() if isinstance(c, np.ndarray) else c for c in columns.values()]
             out["predictions"] = [dict(zip(keys, values)) for values in zip(*lists)]
         out["errors"] = [{"asset": a, "error": code, "detail": d} for a, code, d in res.errors]
-        out["latency_ms"] = round(latency, 3)
+        out["timestamp"] = now_iso()
+        out["latency_ms"] = round(tag.elapsed_ms(), 3)
         price = [None if p != p else p for p in res.price.tolist()]
         rows: list[Row] = [(rid, a, sl, v, b, p, lo, hi, pr, False) for a, sl, v, b, p, lo, hi, pr in zip(
             res.asset, res.slot, res.version, res.bar_ts.tolist(), res.pred.tolist(), res.lo.tolist(),
@@ -757,15 +897,12 @@ class PredictorReplica:
             res.shadow_asset, res.shadow_slot, res.shadow_version, res.shadow_bar_ts.tolist(),
             res.shadow_pred.tolist(), res.shadow_lo.tolist(), res.shadow_hi.tolist(), sprice))
         self.logger.submit(rows)
-        main_slot = res.slot[0] if len(res) else "none"
-        self.metrics.observe("batch", main_slot, 200, latency)
         for name, k in zip(("blue", "green"), _count_slots(res.slot)):
             if k:
                 self.metrics.count_predictions(name, "served", k)
         for name, k in zip(("blue", "green"), _count_slots(res.shadow_slot)):
             if k:
                 self.metrics.count_predictions(name, "shadow", k)
-        self._latencies.append((main_slot, 200, latency))
         return Response(_dumps(out), media_type=_JSON)
 
     @staticmethod
@@ -773,6 +910,9 @@ class PredictorReplica:
         """Explicit feature rows, scored one by one (validated against each model's schema)."""
         served: list[Scored] = []
         shadows: list[Scored] = []
+        errors: list[tuple[str, str, str]] = []
+        faults: list[ModelFault] = []
+        shadow_faults: list[ModelFault] = []
         for i, row in enumerate(rows):
             av = view.asset_view(row.asset)
             slot = av.route.choose(u)
@@ -780,14 +920,26 @@ class PredictorReplica:
                 s = view.score_explicit(av, slot, row.features, row.price)
             except InvalidInput as exc:
                 raise InvalidInput(exc.message, field=f"rows.{i}.{exc.field}") from None
+            except ModelFailed as exc:  # this row's model failed: the other rows still count
+                errors.append((row.asset, exc.code, f"{row.asset}: {exc.message}"))
+                faults.append(exc.fault)
+                continue
             if s is not None:
                 served.append(s)
             other = av.route.shadow_of(slot)
             if other is not None:
-                sh = view.score_explicit(av, other, row.features, row.price, strict=False)
+                try:
+                    sh = view.score_explicit(av, other, row.features, row.price, strict=False)
+                except ModelFailed as exc:
+                    shadow_faults.append(exc.fault)
+                    sh = None
                 if sh is not None:
                     shadows.append(sh)
-        return result_from_scored(served, shadows)
+        res = result_from_scored(served, shadows)
+        res.errors.extend(errors)
+        res.faults.extend(faults)
+        res.shadow_faults.extend(shadow_faults)
+        return res
 
     # ------------------------------------------------------------------ health and models
     def _health(self, probe: str | None) -> Response:
@@ -973,14 +1125,17 @@ class PredictorDeployment(PredictorReplica):
     @app.post("/v1/predict", response_model=schemas.Prediction, responses=ERRORS,
               summary="Forecast one asset's next bar", openapi_extra=REQUEST_HEADERS)
     async def predict(self, request: Request, body: schemas.PredictRequest = Body(...)) -> Response:
-        """Forecast from the asset's online features, or from explicit ``features``."""
-        return await self._single(self._predict, body, request.headers)
+        """Forecast from the asset's online features, or from explicit ``features``; with
+        ``explain``, each feature's contribution to the median (TreeSHAP, top 5)."""
+        if body.explain:
+            return await self._scoring(self._predict, body, request.headers, tag_of(request.scope))
+        return await self._single(self._predict, body, request.headers, tag_of(request.scope))
 
     @app.post("/v1/predict/batch", response_model=schemas.BatchPredictResponse, responses=ERRORS,
               summary="Forecast many assets in one call (vectorized)", openapi_extra=REQUEST_HEADERS)
     async def predict_batch(self, request: Request, body: schemas.BatchPredictRequest = Body(...)) -> Response:
         """One engine call per model group; per-asset failures listed in ``errors``."""
-        return await self._scoring(self._predict_batch, body, request.headers)
+        return await self._scoring(self._predict_batch, body, request.headers, tag_of(request.scope))
 
     @app.get("/v1/health", response_model=schemas.HealthResponse, responses={503: {"model": schemas.HealthResponse}},
              summary="Liveness (the 200) and readiness (models loaded, features fresh)")
@@ -1080,7 +1235,12 @@ def start_serving(settings: Settings, redis_url: str, *, wait_ready_s: float | N
         The app did not answer in time.
     """
     cfg = settings.serve
-    controller_env = haproxy_env(cfg.drain_period_s, cfg.haproxy_threads) if cfg.use_haproxy else {}
+    controller_env: dict[str, str] = {}
+    if cfg.use_haproxy:
+        # One directory per serving port (one Serve instance per port), emptied at each start.
+        run_dir = Path(tempfile.gettempdir()) / f"tickcast-haproxy-{cfg.port}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        controller_env = haproxy_env(cfg.drain_period_s, cfg.haproxy_threads, run_dir)
     serve.start(http_options={"host": cfg.host, "port": cfg.port},
                 controller_options={"runtime_env": {"env_vars": controller_env}} if controller_env else None)
     serve.run(build_app(settings, redis_url), name=APP_NAME, route_prefix="/", blocking=False)

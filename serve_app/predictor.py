@@ -13,23 +13,72 @@ pooled model (the same model file registered for many assets) form one group, wh
 number.
 
 No Ray, no Redis here: errors are raised as :class:`~tickcast.errors.TickcastError` and mapped
-to HTTP by the app.
+to HTTP by the app. Failures of a model's own making are their own classes
+(:class:`ModelFailed`, :class:`ModelUnusable`) carrying the asset, slot and version at fault, so
+the metrics blame that model and no other; stale features or an empty slot are no model's fault.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from serve_app.feature_cache import NORMAL, FeatureEntry, FeatureSnapshot, SafetyEntry
+from serve_app.metrics import ModelFault
 from serve_app.routing import AssetRoute
 from serve_app.sessions import SessionBook, check_open, closed_assets, closed_rows, session_entry
 from serve_app.slots import LoadedModel, ServingState
-from tickcast.errors import InvalidInput, ServiceUnavailable, UnknownAsset
+from tickcast.errors import InvalidInput, ServiceUnavailable, TickcastError, UnknownAsset
+
+
+class ModelFailed(TickcastError):
+    """A model raised while scoring, or gave no finite median (HTTP 500: a server defect, and
+    that model's own)."""
+
+    status = 500
+    code = "model_failed"
+
+    def __init__(self, message: str, *, asset: str, slot: str, version: str) -> None:
+        super().__init__(message)
+        self.asset, self.slot, self.version = asset, slot, version
+
+    @property
+    def fault(self) -> ModelFault:
+        """``(asset, slot, version, error, status)`` for the metrics."""
+        return (self.asset, self.slot, self.version, self.code, self.status)
+
+
+class ModelUnusable(ServiceUnavailable):
+    """The slot's model cannot use the asset's online features (schema or columns differ):
+    HTTP 503, and that model's own fault (the features feed the asset's other models)."""
+
+    def __init__(self, message: str, *, asset: str, slot: str, version: str) -> None:
+        super().__init__(message)
+        self.asset, self.slot, self.version = asset, slot, version
+
+    @property
+    def fault(self) -> ModelFault:
+        """``(asset, slot, version, error, status)`` for the metrics."""
+        return (self.asset, self.slot, self.version, self.code, self.status)
+
+
+def _run_model(model: LoadedModel, asset: str, slot: str, x: np.ndarray,
+               sigma: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``model.score`` with its failures named: an exception or a non-finite median is a
+    :class:`ModelFailed` of that model (``asset`` is whose request it served)."""
+    try:
+        pred, lo, hi = model.score(x, sigma)
+    except Exception as exc:  # noqa: BLE001 - whatever the engine raised, it is this model's fault
+        raise ModelFailed(f"model {model.version} failed: {type(exc).__name__}: {exc}",
+                          asset=asset, slot=slot, version=model.version) from exc
+    if not np.isfinite(pred).all():
+        raise ModelFailed(f"model {model.version} gave a non-finite median",
+                          asset=asset, slot=slot, version=model.version)
+    return pred, lo, hi
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,6 +122,9 @@ class Scored:
     bar_ts: int | None
     age_s: float | None
     safety: SafetyEntry
+    calibrated: bool = True  # False: the model has no conformal state, the raw [q05, q95] is served
+    model: LoadedModel | None = field(default=None, repr=False, compare=False)
+    x: np.ndarray | None = field(default=None, repr=False, compare=False)  # the scored row [1, F]
 
 
 def _slot_input(model: LoadedModel, feature: FeatureEntry | None) -> SlotInput:
@@ -128,6 +180,9 @@ class BatchResult:
     shadow_price: np.ndarray
     shadow_bar_ts: np.ndarray
     errors: list[tuple[str, str, str]]
+    faults: list[ModelFault] = field(default_factory=list)  # errors of a model's own making
+    calibrated: np.ndarray | None = None  # per served row (None: all calibrated)
+    shadow_faults: list[ModelFault] = field(default_factory=list)  # shadow models that failed
 
     def __len__(self) -> int:
         return len(self.asset)
@@ -185,7 +240,8 @@ class _BatchIndex:
         self.group = {s: np.full(n, -1, dtype=np.int64) for s in ("blue", "green")}
         self.row = {s: np.zeros(n, dtype=np.int64) for s in ("blue", "green")}
         self.filled = {s: np.zeros(n, dtype=bool) for s in ("blue", "green")}
-        self.problem: dict[int, str] = {}
+        self.version = {s: np.full(n, None, dtype=object) for s in ("blue", "green")}
+        self.problem: dict[str, dict[int, str]] = {"blue": {}, "green": {}}
         for i, a in enumerate(names):
             v = view.assets[a]
             assert v.feature is not None
@@ -202,8 +258,9 @@ class _BatchIndex:
                 if inp is None:
                     continue
                 self.filled[slot][i] = True
+                self.version[slot][i] = inp.model.version
                 if inp.x is None:
-                    self.problem[i] = inp.problem
+                    self.problem[slot][i] = inp.problem
                     continue
                 key = _group_key(inp.model)
                 gid = keyed.get(key)
@@ -217,25 +274,39 @@ class _BatchIndex:
                 self.shadow[i] = False
         for g in self.groups:
             g.freeze()
+        self.calibrated = np.asarray([g.model.calibrator is not None for g in self.groups] + [True],
+                                     dtype=bool)  # index -1 (no group): True, never read
 
-    def score(self, idx: np.ndarray, green: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Score rows ``idx`` on their chosen slots (``green`` mask); -1 group rows are NaN."""
+    def score(self, idx: np.ndarray, green: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                         dict[int, str]]:
+        """Score rows ``idx`` on their chosen slots (``green`` mask).
+
+        Returns ``(gid, pred, lo, hi, version, coverage, failed)``: rows of group -1 (the
+        slot's model cannot use the features) and of the groups in ``failed`` (group → why
+        its model failed) are NaN.
+        """
         gid = np.where(green, self.group["green"][idx], self.group["blue"][idx])
         row = np.where(green, self.row["green"][idx], self.row["blue"][idx])
         n = len(idx)
         pred, lo, hi = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
         coverage = np.full(n, np.nan)
         version = np.empty(n, dtype=object)
+        failed: dict[int, str] = {}
         for g in np.unique(gid[gid >= 0]).tolist():
             mask = gid == g
             group = self.groups[g]
             rows = row[mask]
             sigma = group.sigma_arr[rows] if group.model.sigma_index is not None else None
-            p, l, h = group.model.score(group.x[rows], sigma)
+            try:
+                p, l, h = _run_model(group.model, "", "", group.x[rows], sigma)
+            except ModelFailed as exc:
+                failed[g] = exc.message
+                continue
             pred[mask], lo[mask], hi[mask] = p, l, h
             version[mask] = group.version_arr[rows]
             coverage[mask] = group.coverage_arr[rows]
-        return gid, pred, lo, hi, version, coverage
+        return gid, pred, lo, hi, version, coverage, failed
 
 
 class ServingView:
@@ -319,20 +390,27 @@ class ServingView:
         Raises
         ------
         ServiceUnavailable
-            The features cannot feed this model (schema mismatch), with the reason.
+            The slot is empty (503).
+        ModelUnusable
+            The features cannot feed this model (schema mismatch), with the reason (503).
+        ModelFailed
+            The model raised or gave a non-finite median (500).
         """
         inp = view.slot_input(slot)
         if inp is None:
             raise ServiceUnavailable(f"{view.asset}: slot {slot} holds no model")
-        if inp.x is None:
-            raise ServiceUnavailable(f"{view.asset}: {inp.problem}")
         model = inp.model
-        pred, lo, hi = model.score(inp.x, np.array([inp.sigma]) if model.sigma_index is not None else None)
+        if inp.x is None:
+            raise ModelUnusable(f"{view.asset}: {inp.problem}", asset=view.asset, slot=slot,
+                                version=model.version)
+        pred, lo, hi = _run_model(model, view.asset, slot, inp.x,
+                                  np.array([inp.sigma]) if model.sigma_index is not None else None)
         feature = view.feature
         assert feature is not None  # check_fresh ran
         return Scored(asset=view.asset, slot=slot, version=model.version, pred=float(pred[0]),
                       lo=float(lo[0]), hi=float(hi[0]), coverage=model.coverage,
-                      price=feature.price, bar_ts=feature.bar_ts, age_s=age_s, safety=view.safety)
+                      price=feature.price, bar_ts=feature.bar_ts, age_s=age_s, safety=view.safety,
+                      calibrated=model.calibrator is not None, model=model, x=inp.x)
 
     def score_explicit(self, view: AssetView, slot: str, features: Mapping[str, float | None],
                        price: float | None, strict: bool = True) -> Scored | None:
@@ -344,6 +422,8 @@ class ServingView:
         ------
         InvalidInput
             Missing or unknown feature names (422, naming them).
+        ModelFailed
+            The model raised or gave a non-finite median (500).
         """
         inp = view.slot_input(slot)
         if inp is None:
@@ -366,11 +446,12 @@ class ServingView:
                        dtype=np.float64)
         x = row.astype(np.float32).reshape(1, -1)
         sigma = np.array([row[model.sigma_index]]) if model.sigma_index is not None else None
-        pred, lo, hi = model.score(x, sigma)
+        pred, lo, hi = _run_model(model, view.asset, slot, x, sigma)
         ref = price if price is not None else (view.feature.price if view.feature is not None else None)
         return Scored(asset=view.asset, slot=slot, version=model.version, pred=float(pred[0]),
                       lo=float(lo[0]), hi=float(hi[0]), coverage=model.coverage, price=ref,
-                      bar_ts=None, age_s=None, safety=view.safety)
+                      bar_ts=None, age_s=None, safety=view.safety,
+                      calibrated=model.calibrator is not None, model=model, x=x)
 
     # ------------------------------------------------------------------ batch
     def batch_index(self) -> _BatchIndex:
@@ -429,21 +510,37 @@ class ServingView:
         age = ages[ok]
         # route.choose(u) for every row at once: green when u < weight, an empty slot hands over.
         green = ((u < bi.weight[idx]) & bi.filled["green"][idx]) | ~bi.filled["blue"][idx]
-        gid, pred, lo, hi, version, coverage = bi.score(idx, green)
+        gid, pred, lo, hi, version, coverage, failed = bi.score(idx, green)
         usable = gid >= 0
+        if failed:
+            usable &= ~np.isin(gid, list(failed))
+        faults: list[ModelFault] = []
         if not usable.all():
             for k in np.flatnonzero(~usable).tolist():
-                a = bi.names[idx[k]]
-                errors.append((a, "unavailable", f"{a}: {bi.problem.get(int(idx[k]), 'empty slot')}"))
-            idx, age, green = idx[usable], age[usable], green[usable]
+                i = int(idx[k])
+                a = str(bi.names[i])
+                slot = "green" if green[k] else "blue"
+                v = bi.version[slot][i]
+                g = int(gid[k])
+                if g in failed:
+                    errors.append((a, ModelFailed.code, f"{a}: {failed[g]}"))
+                    faults.append((a, slot, v, ModelFailed.code, ModelFailed.status))
+                elif i in bi.problem[slot]:
+                    errors.append((a, ModelUnusable.code, f"{a}: {bi.problem[slot][i]}"))
+                    faults.append((a, slot, v, ModelUnusable.code, ModelUnusable.status))
+                else:
+                    errors.append((a, "unavailable", f"{a}: slot {slot} holds no model"))
+            idx, age, green, gid = idx[usable], age[usable], green[usable], gid[usable]
             pred, lo, hi, version, coverage = (pred[usable], lo[usable], hi[usable], version[usable],
                                                coverage[usable])
+        calibrated = bi.calibrated[gid]
         slots = np.where(green, "green", "blue")
         # Shadow: the other slot, for rows whose route mirrors and whose other slot is usable.
         s_idx = np.empty(0, dtype=np.int64)
         s_slot = np.empty(0, dtype=object)
         s_pred = s_lo = s_hi = np.empty(0)
         s_version = np.empty(0, dtype=object)
+        shadow_faults: list[ModelFault] = []
         if shadow:
             want = bi.shadow[idx]
             other_green = ~green
@@ -452,7 +549,16 @@ class ServingView:
             if want.any():
                 s_idx = idx[want]
                 og = other_green[want]
-                sg, s_pred, s_lo, s_hi, s_version, _ = bi.score(s_idx, og)
+                sg, s_pred, s_lo, s_hi, s_version, _, s_failed = bi.score(s_idx, og)
+                if s_failed:  # a failing shadow model is skipped (and counted), never served
+                    keep = ~np.isin(sg, list(s_failed))
+                    for k in np.flatnonzero(~keep).tolist():
+                        slot = "green" if og[k] else "blue"
+                        shadow_faults.append((str(bi.names[s_idx[k]]), slot,
+                                              bi.version[slot][s_idx[k]], ModelFailed.code,
+                                              ModelFailed.status))
+                    s_idx, og, s_pred, s_lo, s_hi, s_version = (s_idx[keep], og[keep], s_pred[keep],
+                                                                s_lo[keep], s_hi[keep], s_version[keep])
                 s_slot = np.where(og, "green", "blue")
         names = bi.names[idx].tolist()
         return BatchResult(
@@ -462,7 +568,8 @@ class ServingView:
             halted=bi.halted[idx].tolist(),
             shadow_asset=bi.names[s_idx].tolist(), shadow_slot=list(s_slot), shadow_version=list(s_version),
             shadow_pred=s_pred, shadow_lo=s_lo, shadow_hi=s_hi, shadow_price=bi.price[s_idx],
-            shadow_bar_ts=bi.bar_ts[s_idx], errors=errors)
+            shadow_bar_ts=bi.bar_ts[s_idx], errors=errors, faults=faults,
+            calibrated=calibrated, shadow_faults=shadow_faults)
 
     # ------------------------------------------------------------------ health
     def readiness(self, now_ns: int, required: Iterable[str]) -> tuple[bool, list[str], dict[str, dict[str, object]]]:

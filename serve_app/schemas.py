@@ -7,6 +7,7 @@ never infinite.
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -38,9 +39,12 @@ class PredictRequest(_Request):
     asset: Asset
     features: FeatureMap | None = None
     price: Price | None = None
+    explain: bool = Field(False, description="Also return each feature's contribution to the "
+                                             "median forecast (XGBoost TreeSHAP), the top 5 by "
+                                             "magnitude. Costs milliseconds; off by default.")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "examples": [{"asset": "BTC-USD"}]})
+        "examples": [{"asset": "BTC-USD"}, {"asset": "BTC-USD", "explain": True}]})
 
 
 class BatchRow(_Request):
@@ -109,12 +113,46 @@ class RollbackRequest(_Request):
 
 
 # ----------------------------------------------------------------------- responses
+class ForecastStatus(str, Enum):
+    """What a served forecast is fit for."""
+
+    OK = "ok"  # calibrated interval, exposure allowed
+    HALTED = "halted"  # the safety breaker holds exposure at zero (multiplier 0)
+    UNCALIBRATED = "uncalibrated"  # the model has no conformal state: raw [q05, q95] interval
+
+
+class Contribution(BaseModel):
+    """One feature's contribution to the median forecast."""
+
+    feature: str
+    value: float | None = Field(description="The feature's value in the explained row (null: missing).")
+    contribution: float = Field(description="Its share of the median, in log-return units.")
+
+
+class Explanation(BaseModel):
+    """The median forecast split by feature (XGBoost's exact TreeSHAP on the native booster).
+
+    ``base_value + sum(contributions) + other_features`` equals the model's median (the served
+    ``pred_log_return``, within float32 rounding).
+    """
+
+    method: Literal["xgboost_treeshap"]
+    target: str = Field(description="The output explained: the median quantile, e.g. `q0.5`.")
+    base_value: float = Field(description="The model's output before any feature (its bias).")
+    contributions: list[Contribution] = Field(description="The 5 largest by magnitude, largest first.")
+    other_features: float = Field(description="Sum of the contributions of all other features.")
+    n_features: int
+
+
 class Prediction(BaseModel):
     """One forecast of the next bar's log return, with its 90 % interval."""
 
     asset: str
     slot: Literal["blue", "green"]
     model_version: str
+    status: ForecastStatus = Field(description="`ok`; `halted` when the safety breaker holds "
+                                               "exposure at zero; `uncalibrated` when the model "
+                                               "has no conformal calibration.")
     pred_log_return: float = Field(description="Median forecast of log(close_next / close).")
     lo_log_return: float = Field(description="Lower end of the calibrated interval.")
     hi_log_return: float = Field(description="Upper end of the calibrated interval.")
@@ -129,8 +167,34 @@ class Prediction(BaseModel):
     regime: str = Field(description="Safety regime: NORMAL, ELEVATED or CRISIS.")
     multiplier: float = Field(description="Position-size multiplier of the regime.")
     halted: bool
-    latency_ms: float | None = None
+    timestamp: str = Field(description="When the server answered, ISO 8601 UTC.")
+    latency_ms: float | None = Field(None, description="Milliseconds from the request's arrival "
+                                                       "at the replica to this answer.")
     request_id: str | None = None
+    explanation: Explanation | None = Field(None, description="Only with `explain: true`.")
+
+
+class BatchPrediction(BaseModel):
+    """One forecast of a batch (the fields of :class:`Prediction` a batch row carries)."""
+
+    asset: str
+    slot: Literal["blue", "green"]
+    model_version: str
+    status: ForecastStatus
+    pred_log_return: float
+    lo_log_return: float
+    hi_log_return: float
+    coverage: float
+    price: float | None
+    pred_price: float | None
+    lo_price: float | None
+    hi_price: float | None
+    bar_ts: int | None
+    bar_time: str | None
+    feature_age_s: float | None
+    regime: str
+    multiplier: float
+    halted: bool
 
 
 class PredictionError(BaseModel):
@@ -145,14 +209,16 @@ class BatchPredictResponse(BaseModel):
     """Forecasts of a batch, in request order, and the assets that got none.
 
     ``predictions`` (format ``records``) or ``columns`` (format ``columns``: the fields of
-    :class:`Prediction` without ``latency_ms`` and ``request_id``, one array each).
+    :class:`Prediction` without ``timestamp``, ``latency_ms``, ``request_id`` and
+    ``explanation``, one array each).
     """
 
     request_id: str
     count: int
-    predictions: list[Prediction] | None = None
+    predictions: list[BatchPrediction] | None = None
     columns: dict[str, list[object]] | None = None
     errors: list[PredictionError]
+    timestamp: str = Field(description="When the server answered, ISO 8601 UTC.")
     latency_ms: float
 
 
@@ -163,6 +229,7 @@ class ErrorResponse(BaseModel):
     detail: str
     field: str | None = None
     request_id: str | None = None
+    timestamp: str = Field(description="When the server answered, ISO 8601 UTC.")
 
 
 class HealthResponse(BaseModel):

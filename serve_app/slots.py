@@ -5,9 +5,9 @@ every model that table names, loaded and warm. :class:`SlotManager` keeps it cur
 background thread:
 
 1. every ``serve.feature_refresh_s`` it reads the routing revision from Redis (one ``HGET``);
-2. on a new revision it loads the table, loads any model version it does not hold yet (ONNX
-   session + native booster, a warm-up run) — off the request path, while requests keep being
-   served from the current state;
+2. on a new revision it loads the table, loads any model version it does not hold yet (the
+   served engine, a warm-up run) — off the request path, while requests keep being served
+   from the current state;
 3. then it replaces the state with one reference assignment. A request reads the reference once
    and uses that state to the end, so a switch never mixes versions within a request, never
    drops one and never fails one;
@@ -16,8 +16,13 @@ background thread:
    slot, a champion moved in the registry is followed.
 
 Identical model files registered under several assets (a pooled model) share one predictor:
-models are cached by the SHA-256 of their files, so a thousand assets cost one ONNX session.
-A version that fails to load leaves that asset on the route it had (reported in ``errors``).
+models are cached by the SHA-256 of their ONNX file, so a thousand assets cost one ONNX
+session; a file already hashed (same device, inode, size and modification time: a hard link
+of a pooled model) is not read again. The native XGBoost booster is not loaded with the model:
+the compiled kernel (or onnxruntime) serves, and the booster is read on the first request for
+an explanation (:class:`serve_app.explain.NativeExplainer`), or at load when no compiled
+kernel can be built and large batches need it. A version that fails to load leaves that asset
+on the route it had (reported in ``errors``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +40,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from serve_app.control import RoutingStore, TrafficControl
+from serve_app.explain import NativeExplainer
 from serve_app.periodic import PeriodicThread
 from serve_app.routing import AssetRoute, RoutingTable
 from tickcast.errors import RegistryError, TickcastError
@@ -64,7 +71,9 @@ class LoadedModel:
     coverage
         Nominal interval coverage, ``q_high - q_low`` (0.9).
     digest
-        SHA-256 of the model files (equal digests share one predictor).
+        SHA-256 of the ONNX file (equal digests share one predictor and one explainer).
+    explainer
+        TreeSHAP of the version's native booster, loaded on first use.
     """
 
     asset: str
@@ -78,6 +87,7 @@ class LoadedModel:
     digest: str
     calibration_key: str
     card: Mapping[str, Any] = field(repr=False)
+    explainer: NativeExplainer | None = field(default=None, repr=False)
 
     def score(self, x: np.ndarray, sigma: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Median and calibrated interval for rows ``x`` (float32 ``[N, F]``).
@@ -123,6 +133,8 @@ class ModelLoader:
         self.parity_tol = parity_tol
         self._predictors: dict[str, QuantilePredictor] = {}
         self._calibrators: dict[str, ConformalCalibrator] = {}
+        self._explainers: dict[str, NativeExplainer] = {}
+        self._digests: dict[tuple[int, int, int, int], str] = {}  # file identity -> SHA-256
 
     def load(self, asset: str, version: str) -> LoadedModel:
         """Load ``version`` of ``asset`` and warm it up with one row.
@@ -139,20 +151,24 @@ class ModelLoader:
         names = card.get("feature_names")
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise RegistryError(f"card of {asset}/{version} has no usable feature_names", field="card")
-        onnx_bytes = (path / MODEL_FILE).read_bytes()
+        model_path = path / MODEL_FILE
         native_path = path / NATIVE_FILE
-        native = native_path.read_bytes() if native_path.is_file() else None
-        h = hashlib.sha256(onnx_bytes)
-        if native is not None:
-            h.update(b"\0native\0")
-            h.update(native)
-        digest = h.hexdigest()
+        onnx_bytes: bytes | None = None
+        try:
+            st = os.stat(model_path)
+        except OSError as exc:
+            raise RegistryError(f"{asset}/{version}: cannot read {MODEL_FILE}: {exc}",
+                                field=MODEL_FILE) from None
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        digest = self._digests.get(identity)
+        if digest is None or digest not in self._predictors:
+            onnx_bytes = model_path.read_bytes()
+            digest = hashlib.sha256(onnx_bytes).hexdigest()
+            self._digests[identity] = digest
         predictor = self._predictors.get(digest)
         if predictor is None:
-            predictor = QuantilePredictor(onnx_bytes, native, native_min_rows=self.native_min_rows,
-                                          onnx_threads=self.onnx_threads,
-                                          native_threads=self.native_threads,
-                                          compiled=self.compiled, parity_tol=self.parity_tol)
+            assert onnx_bytes is not None
+            predictor = self._predictor(onnx_bytes, native_path)
             if predictor.n_features not in (-1, len(names)):
                 raise RegistryError(f"{asset}/{version}: model takes {predictor.n_features} features "
                                     f"but the card names {len(names)}", field=MODEL_FILE)
@@ -186,11 +202,30 @@ class ModelLoader:
                 sigma_index = names.index(calibrator.sigma_feature)
         quantiles = card.get("quantiles") or [0.05, 0.5, 0.95]
         coverage = float(quantiles[-1]) - float(quantiles[0])
+        explainer = self._explainers.get(digest)
+        if explainer is None:
+            # The served median is output column 1 (LoadedModel.score): explain that one.
+            median = f"q{float(quantiles[1]):g}" if len(quantiles) > 1 else "q0.5"
+            explainer = self._explainers[digest] = NativeExplainer(
+                native_path, names, target_index=1, target=median, threads=self.native_threads)
         return LoadedModel(asset=asset, version=version, predictor=predictor,
                            feature_names=tuple(names), schema_hash=card.get("schema_hash"),
                            calibrator=calibrator, sigma_index=sigma_index,
                            coverage=round(coverage, 6), digest=digest,
-                           calibration_key=calibration_key, card=card)
+                           calibration_key=calibration_key, card=card, explainer=explainer)
+
+    def _predictor(self, onnx_bytes: bytes, native_path: Path) -> QuantilePredictor:
+        """The serving engine of a model. The native booster is passed only when the compiled
+        kernel cannot be built, for the large batches it then serves (it costs memory and a
+        load; with the kernel, every batch size is served without it)."""
+        kwargs: dict[str, Any] = dict(native_min_rows=self.native_min_rows,
+                                      onnx_threads=self.onnx_threads,
+                                      native_threads=self.native_threads,
+                                      compiled=self.compiled, parity_tol=self.parity_tol)
+        predictor = QuantilePredictor(onnx_bytes, None, **kwargs)
+        if not predictor.has_compiled and native_path.is_file():
+            predictor = QuantilePredictor(onnx_bytes, native_path.read_bytes(), **kwargs)
+        return predictor
 
     def forget_unused(self, models: Iterable[LoadedModel]) -> None:
         """Drop cached predictors and calibrators that no loaded model uses any more."""
@@ -199,6 +234,10 @@ class ModelLoader:
         keys = {m.calibration_key for m in models}
         for digest in [d for d in self._predictors if d not in digests]:
             del self._predictors[digest]
+        for digest in [d for d in self._explainers if d not in digests]:
+            del self._explainers[digest]
+        for identity in [i for i, d in self._digests.items() if d not in digests]:
+            del self._digests[identity]
         for key in [k for k in self._calibrators if k not in keys]:
             del self._calibrators[key]
 

@@ -4,9 +4,11 @@ real models. Order matters at the end of the module: the fuzz test changes routi
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
+from datetime import datetime, timezone
 from typing import Iterator
 
 import httpx
@@ -22,10 +24,18 @@ from .conftest import ServingWorld, deploy, make_world, wait_until
 pytestmark = [pytest.mark.ray, pytest.mark.redis]
 
 PREDICTION_FIELDS = {
-    "asset", "slot", "model_version", "pred_log_return", "lo_log_return", "hi_log_return",
+    "asset", "slot", "model_version", "status", "pred_log_return", "lo_log_return", "hi_log_return",
     "coverage", "price", "pred_price", "lo_price", "hi_price", "bar_ts", "bar_time",
-    "feature_age_s", "regime", "multiplier", "halted", "latency_ms", "request_id",
+    "feature_age_s", "regime", "multiplier", "halted", "timestamp", "latency_ms", "request_id",
 }
+PER_REQUEST = {"timestamp", "latency_ms", "request_id"}  # not repeated in a batch's rows
+
+
+def _recent(stamp: str, within_s: float = 60.0) -> bool:
+    """An ISO 8601 UTC server timestamp close to now."""
+    assert stamp.endswith("Z"), stamp
+    t = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return t.tzinfo is not None and abs((datetime.now(timezone.utc) - t).total_seconds()) < within_s
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +83,34 @@ def test_predict_contract(api: ServingWorld, http: httpx.Client) -> None:
     assert body["coverage"] == pytest.approx(0.9)
     assert 0 <= body["feature_age_s"] < 120 and body["bar_time"].endswith("Z")
     assert (body["regime"], body["multiplier"], body["halted"]) == ("NORMAL", 1.0, False)
+    assert body["status"] == "ok" and _recent(body["timestamp"])
     assert body["latency_ms"] > 0
+
+
+def test_explain_returns_the_top_five_contributions(api: ServingWorld, http: httpx.Client) -> None:
+    plain = http.post("/v1/predict", json={"asset": "BTC-USD"}).json()
+    assert "explanation" not in plain  # the fast path is unchanged without it
+    r = http.post("/v1/predict", json={"asset": "BTC-USD", "explain": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == PREDICTION_FIELDS | {"explanation"}
+    e = body["explanation"]
+    assert (e["method"], e["target"]) == ("xgboost_treeshap", "q0.5")
+    assert len(e["contributions"]) == 5 and e["n_features"] > 5
+    mags = [abs(c["contribution"]) for c in e["contributions"]]
+    assert mags == sorted(mags, reverse=True)
+    total = e["base_value"] + sum(c["contribution"] for c in e["contributions"]) + e["other_features"]
+    assert total == pytest.approx(body["pred_log_return"], abs=2e-5)
+    assert body["pred_log_return"] == pytest.approx(plain["pred_log_return"], abs=1e-12)
+    # Explicit features are explained too, with their values.
+    from tickcast.storage.online_store import OnlineFeatureStore
+
+    row = OnlineFeatureStore(connect(api.redis_url)).read("BTC-USD").as_dict()
+    features = {n: (None if math.isnan(v) else v) for n, v in row.items()}
+    r = http.post("/v1/predict", json={"asset": "BTC-USD", "features": features, "explain": True})
+    assert r.status_code == 200, r.text
+    for c in r.json()["explanation"]["contributions"]:
+        assert c["value"] == (None if features[c["feature"]] is None else pytest.approx(features[c["feature"]]))
 
 
 def test_safety_state_is_served(api: ServingWorld, http: httpx.Client) -> None:
@@ -114,7 +151,8 @@ def test_batch_is_vectorized_and_consistent(api: ServingWorld, http: httpx.Clien
     assert body["errors"][0]["asset"] == "STALE-USD" and "stale" in body["errors"][0]["detail"]
     # The same model file serves BTC-USD's blue slot and ETH-USD: one predictor, one group.
     assert body["predictions"][1]["pred_log_return"] == pytest.approx(single["pred_log_return"], abs=1e-9)
-    assert set(body["predictions"][0]) == PREDICTION_FIELDS - {"latency_ms", "request_id"}
+    assert set(body["predictions"][0]) == PREDICTION_FIELDS - PER_REQUEST
+    assert {p["status"] for p in body["predictions"]} == {"ok"} and _recent(body["timestamp"])
     cols = http.post("/v1/predict/batch", json={"assets": ["BTC-USD", "ETH-USD"], "format": "columns"}).json()
     assert cols["columns"]["asset"] == ["BTC-USD", "ETH-USD"]
     assert cols["columns"]["pred_log_return"][0] == pytest.approx(single["pred_log_return"], abs=1e-9)
@@ -152,6 +190,7 @@ def test_health_models_docs_metrics(api: ServingWorld, http: httpx.Client) -> No
 
     text = wait_until(scraped, 15, "metrics merged over both replicas")
     assert 'tickcast_serve_requests_total{endpoint="predict",slot="blue",code="200"}' in text
+    assert 'tickcast_serve_requests_total{endpoint="predict",slot="none",code="404"}' in text
     assert 'tickcast_serve_errors_total{endpoint="predict",error="unknown_asset",code="404"}' in text
     assert 'tickcast_serve_request_latency_seconds_bucket{endpoint="predict",slot="blue",le="+Inf"}' in text
     assert "# TYPE tickcast_serve_sla_violations_total counter" in text
@@ -191,6 +230,47 @@ def test_client_errors(api: ServingWorld, http: httpx.Client) -> None:
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     r = http.post("/v1/admin/rollback", json={"asset": "ETH-USD"}, headers=api.admin)
     assert r.status_code == 409
+
+
+def test_every_error_carries_a_timestamp_and_every_code_is_counted(api: ServingWorld,
+                                                                   http: httpx.Client) -> None:
+    answers = [
+        http.post("/v1/predict", json={"asset": "DOGE-USD"}),  # 404, fast path
+        http.post("/v1/predict", json={}),  # 422, fast path
+        http.post("/v1/predict", content=json.dumps({"asset": 1}).encode(),
+                  headers={"content-type": "text/plain"}),  # 422 through FastAPI
+        http.post("/v1/predict/batch", json={"assets": ["DOGE-USD"]}),  # 404
+        http.post("/v1/predict", json={"asset": "STALE-USD"}),  # 503, no model's fault
+        http.post("/v1/predict", content=b'{"asset": "' + b"x" * 70_000 + b'"}',
+                  headers={"content-type": "application/json"}),  # 413
+        http.post("/v1/admin/traffic", json={"shadow": True}),  # 401
+    ]
+    assert [a.status_code for a in answers] == [404, 422, 422, 404, 503, 413, 401]
+    for a in answers:
+        assert _recent(a.json()["timestamp"]), a.text
+
+    def counted() -> dict | None:
+        # Read the counters the way the controller does: each replica's published snapshot.
+        from serve_app.metrics import MetricsSnapshot, merge_snapshots
+
+        client = connect(api.redis_url)
+        prefix = api.settings.serve.redis_prefix
+        ids = [i.decode() for i in client.zrange(f"{prefix}metrics:replicas", 0, -1)]
+        docs = [json.loads(r) for r in client.mget([f"{prefix}metrics:{i}" for i in ids]) if r]
+        merged = merge_snapshots(d["metrics"] for d in docs)
+        codes = {k.rsplit("|", 1)[1] for k in merged["requests"]}
+        snaps = [MetricsSnapshot.from_dict(d["metrics"]) for d in docs]
+        ok = {"404", "422", "413", "503", "401"} <= codes and \
+            sum(s.served("BTC-USD", api.v1) for s in snaps) > 0
+        return {"merged": merged, "snaps": snaps} if ok else None
+
+    got = wait_until(counted, 15, "every status counted in the published snapshots")
+    merged, snaps = got["merged"], got["snaps"]
+    assert merged["errors"].get("predict|too_large|413", 0) >= 1
+    assert merged["errors"].get("admin|unauthorized|401", 0) >= 1
+    # The stale 503 is nobody's model error: no model of STALE-USD is blamed.
+    assert sum(s.own_errors("STALE-USD", server_only=False) for s in snaps) == 0
+    assert merged["requests"].get("predict|none|503", 0) >= 1
 
 
 def test_body_size_limit(http: httpx.Client) -> None:
