@@ -499,7 +499,8 @@ def start_floor(settings: Any) -> None:
     options = deployment_options(settings)
     options["autoscaling_config"] = {k: v for k, v in options["autoscaling_config"].items()
                                      if k != "policy"}
-    serve.run(Floor.options(**options).bind(), name=FLOOR_APP, route_prefix=FLOOR_PREFIX,
+    serve.run(Floor.options(**options).bind(),  # type: ignore[attr-defined]
+              name=FLOOR_APP, route_prefix=FLOOR_PREFIX,
               blocking=False)
 
 
