@@ -42,6 +42,13 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.inference
 	$(BIN)/python -m bench.drift
 	$(BIN)/python -m bench.serve
+	$(BIN)/python -m bench.scale
+	$(BIN)/python -m bench.feature_cache
+	$(BIN)/python -m bench.safety_days
+	$(BIN)/python -m bench.gaps
+	$(BIN)/python -m bench.consensus
+	$(BIN)/python -m bench.storage
+	$(BIN)/python -m bench.calendar
 
 # promtool (alert rules) and prometheus (the metrics test) from Debian's `prometheus` package.
 tools:
