@@ -209,21 +209,35 @@ class MarketShard:
         # the bar's end then) to the bar's emission; the newest per shard.
         self.bar_delays: deque[float] = deque(maxlen=BAR_DELAYS_KEPT)
         self._next_sweep = time.monotonic()
+        # The closed loop runs on a thread of its own, under its own lock: ingestion never
+        # waits for a drift or safety step (a tracker build, a bar-store read).
+        self._loop_lock = threading.RLock()
+        self._woken: set[str] = set()
+        self._wake = threading.Condition(threading.Lock())
         self._thread = threading.Thread(target=self._consume, name=f"consume:{name}", daemon=True)
         self._thread.start()
+        self._loop_thread: threading.Thread | None = None
+        if closed_loop:
+            self._loop_thread = threading.Thread(target=self._run_loop, name=f"loop:{name}",
+                                                 daemon=True)
+            self._loop_thread.start()
 
     def _new_desk(self, asset: str) -> AssetDesk:
         ingest = AssetIngest(asset, self.settings, self.client, self.writers)
         desk = AssetDesk(ingest)
         if self.closed_loop:
-            def between(start_ns: int, end_ns: int, ing: AssetIngest = ingest) -> pd.DataFrame:
-                bars = ing.bars_after(start_ns - 1)
+            def after(after_ts: int, ing: AssetIngest = ingest) -> pd.DataFrame:
+                with self._lock:  # the ingest side owns the recent bars: read them briefly
+                    return ing.bars_after(after_ts)
+
+            def between(start_ns: int, end_ns: int) -> pd.DataFrame:
+                bars = after(start_ns - 1)
                 return bars.loc[bars["ts"].to_numpy() <= end_ns] if len(bars) else bars
 
             desk.drift = AssetDrift(asset, self.settings, self.client, self.registry, self.sink,
                                     self.loop_metrics, between, self.loader)
             desk.safety = AssetSafety(asset, self.settings, self.client, self.registry, self.sink,
-                                      self.loop_metrics, ingest.bars_after)
+                                      self.loop_metrics, after)
             desk.predictions_seen = min(desk.drift.state.predictions_id,
                                         desk.safety.state.predictions_id,
                                         key=parse_entry_id)
@@ -280,15 +294,19 @@ class MarketShard:
             elif not woke:
                 self._catch_up_features()
             self._checkpoint_due()
-            if self.closed_loop:
-                self._step_monitors(woke)
+            if self.closed_loop and woke:
+                with self._wake:
+                    self._woken |= woke
+                    self._wake.notify()
 
     def _ingest(self, ticks: dict[str, list[tuple[str, dict[bytes, bytes]]]]) -> set[str]:
         """Process each asset's entries; returns the assets that emitted consensus bars."""
         emitted: set[str] = set()
         recorded: list[tuple[str, list[StepOutput], AssetState]] = []
-        with self._lock:
-            for asset, entries in ticks.items():
+        for asset, entries in ticks.items():
+            # The lock is taken per asset, so queries (status, waits) interleave with a reply
+            # that holds hundreds of assets.
+            with self._lock:
                 ingest = self.desks[asset].ingest
                 try:
                     outs = ingest.handle(entries, self._stop)
@@ -306,7 +324,7 @@ class MarketShard:
                     if sent is not None:
                         self.bar_delays.append(max(0.0, (time.time_ns() - int(sent)) / 1e9))
                 recorded.append((asset, outs, ingest.state))
-            self._progress.notify_all()
+                self._progress.notify_all()
         for asset, outs, state in recorded:
             for out in outs:
                 self.metrics.record(asset, out, state)
@@ -341,6 +359,23 @@ class MarketShard:
                 if not ingest._since_checkpoint:
                     self._uncheckpointed.discard(asset)
 
+    def _run_loop(self) -> None:
+        """The closed-loop thread: sleep until an asset has news or the sweep is due."""
+        while not self._stop.is_set():
+            with self._wake:
+                wait = max(0.0, self._next_sweep - time.monotonic())
+                if not self._woken:
+                    self._wake.wait(timeout=min(wait, BLOCK_MS / 1000))
+                woke, self._woken = self._woken, set()
+            if self._stop.is_set():
+                break
+            try:
+                self._step_monitors(woke)
+            except Exception as exc:  # noqa: BLE001 - a defect: keep the loop alive, say why
+                self.last_error = f"closed loop: {type(exc).__name__}: {exc}"
+                log.exception("%s: closed-loop pass failed", self.name)
+                self._stop.wait(1.0)
+
     def _step_monitors(self, woke: set[str]) -> None:
         """Step drift and safety of the assets with news, and of all on the sweep."""
         now = time.monotonic()
@@ -350,9 +385,9 @@ class MarketShard:
         for asset in woke:
             desk = self.desks[asset]
             for monitor in (desk.drift, desk.safety):
-                if monitor is None:
+                if monitor is None or self._stop.is_set():
                     continue
-                with self._lock:
+                with self._loop_lock:
                     try:
                         more = True
                         while more and not self._stop.is_set():
@@ -451,34 +486,34 @@ class MarketShard:
 
     def drift_status(self, asset: str) -> dict[str, Any]:
         """Drift level, score and counters of ``asset``."""
-        with self._lock:
+        with self._loop_lock:
             return {**self._monitor(asset, "drift").status(), "pid": os.getpid(),
                     "event_writer": self.sink.stats()}
 
     def drift_report(self, asset: str) -> dict[str, Any] | None:
         """The drift monitor's latest full report of ``asset``."""
-        with self._lock:
+        with self._loop_lock:
             return self._monitor(asset, "drift").report()
 
     def drift_reset(self, asset: str, reason: str = "requested") -> dict[str, Any]:
         """A fresh drift window for ``asset``'s current champion."""
-        with self._lock:
+        with self._loop_lock:
             return self._monitor(asset, "drift").reset(reason)
 
     def safety_status(self, asset: str) -> dict[str, Any]:
         """Regime, multiplier, halt and P&L of ``asset``."""
-        with self._lock:
+        with self._loop_lock:
             return {**self._monitor(asset, "safety").status(), "pid": os.getpid(),
                     "event_writer": self.sink.stats()}
 
     def safety_reset(self, asset: str, reason: str = "requested") -> dict[str, Any]:
         """Fresh paper accounts for ``asset`` (lifts a halt)."""
-        with self._lock:
+        with self._loop_lock:
             return self._monitor(asset, "safety").reset(reason)
 
     def follow_champion(self, asset: str, version: str | None) -> dict[str, Any]:
         """The controller's notice of a promotion or rollback of ``asset``."""
-        with self._lock:
+        with self._loop_lock:
             desk = self._desk(asset)
             out: dict[str, Any] = {}
             if desk.drift is not None:
@@ -527,11 +562,17 @@ class MarketShard:
     def stop(self) -> bool:
         """Stop consuming and checkpoint every asset (before a planned kill or a move)."""
         self._stop.set()
+        with self._wake:
+            self._wake.notify()
         self._thread.join(timeout=10)
+        if self._loop_thread is not None:
+            self._loop_thread.join(timeout=10)
         ok = True
         with self._lock:
             for desk in self.desks.values():
                 ok = desk.ingest.checkpoint() and ok
+        with self._loop_lock:
+            for desk in self.desks.values():
                 for monitor in (desk.drift, desk.safety):
                     if monitor is not None:
                         monitor.checkpoint()
