@@ -38,7 +38,8 @@ import pandas as pd
 from tickcast.config import Settings
 from tickcast.errors import InvalidInput, TickStatus
 from tickcast.features.online import OnlineFeatures
-from tickcast.market.gaps import GapPolicy
+from tickcast.market.calendar import ALWAYS, TradingCalendar, trading_calendar
+from tickcast.market.gaps import GapPolicy, fill_in_sessions
 from tickcast.market.pipeline import AssetPipeline, IngestCounts, PipelineResult
 from tickcast.storage.bar_store import BAR_COLUMNS, empty_bars
 from tickcast.ticks import NS_PER_MIN, NS_PER_S, TickBatch
@@ -127,11 +128,21 @@ class AssetState:
         Cumulative :class:`IngestCounts`.
     gaps, imputed
         Gaps judged and bars imputed so far.
+    calendar
+        The asset's trading calendar (bars are expected only in session).
+    off_session_bars
+        Consensus bars of slots outside every session, not kept.
     """
+
+    # Defaults for checkpoints taken before calendars existed (24/7 then).
+    calendar: TradingCalendar = ALWAYS
+    off_session_bars: int = 0
 
     def __init__(self, asset: str, settings: Settings) -> None:
         self.asset = asset
         self.freq_ns = int(settings.bars.freq_s) * NS_PER_S
+        self.calendar = trading_calendar(settings, asset)
+        self.off_session_bars = 0
         self.pipeline = AssetPipeline(asset, settings)
         self.features = OnlineFeatures(settings.features, self.freq_ns)
         self.gap_policy = GapPolicy(settings.gaps)
@@ -224,6 +235,12 @@ class AssetState:
         self.counts.merge(result.counts)
         consensus = _bar_frame(result.consensus_bars)
         confidence = float("nan")
+        if len(consensus) and not self.calendar.always_open:
+            in_session = self.calendar.expected_bars(consensus["ts"].to_numpy(dtype=np.int64),
+                                                     self.freq_ns)
+            if not in_session.all():
+                self.off_session_bars += int(np.count_nonzero(~in_session))
+                consensus = consensus.loc[in_session].reset_index(drop=True)
         if len(consensus):
             consensus = consensus.sort_values("ts", kind="stable")
             if self._last_final is not None:
@@ -276,9 +293,20 @@ class AssetState:
         ts = bars["ts"].to_numpy(dtype=np.int64)
         if len(ts) < 2 or not (np.diff(ts) > self.freq_ns).any():
             return _EMPTY_BARS, _EMPTY_AUDIT
+        segments = None
+        if not self.calendar.always_open:
+            # Only slots in session are expected: a closure between two bars is no gap.
+            segments = self.calendar.expected_segments(int(ts[0]), int(ts[-1]) + self.freq_ns,
+                                                       self.freq_ns)
+            if int(((segments[1] - segments[0]) // self.freq_ns).sum()) <= len(ts):
+                return _EMPTY_BARS, _EMPTY_AUDIT
         alt = _with_fresh(alternates(int(ts[0]), int(ts[-1])), fresh_provider_bars,
                           int(ts[0]), int(ts[-1]))
-        filled, audit = self.gap_policy.fill(bars.reset_index(drop=True), self.freq_ns, alt)
+        if segments is None:
+            filled, audit = self.gap_policy.fill(bars.reset_index(drop=True), self.freq_ns, alt)
+        else:
+            filled, audit = fill_in_sessions(self.gap_policy, bars.reset_index(drop=True),
+                                             self.freq_ns, segments[0], segments[1], alt)
         imputed_mask = filled["imputed"].astype(str).to_numpy() != ""
         fills = filled.loc[imputed_mask, list(_BAR_FIELDS)].reset_index(drop=True)
         self.gaps += len(audit)
@@ -287,10 +315,15 @@ class AssetState:
 
     @property
     def gap_minutes(self) -> float | None:
-        """Minutes of event time since the end of the newest real consensus bar (None: no bar)."""
+        """Minutes of event time in session since the end of the newest real consensus bar
+        (None: no bar). A closure adds nothing: the gauge neither grows while the market is
+        shut nor jumps when it reopens."""
         if self.last_bar_ts is None or self.newest_event_ns is None:
             return None
-        return max(0.0, (self.newest_event_ns - self.last_bar_ts - self.freq_ns) / NS_PER_MIN)
+        since = self.last_bar_ts + self.freq_ns
+        if self.calendar.always_open:
+            return max(0.0, (self.newest_event_ns - since) / NS_PER_MIN)
+        return self.calendar.open_ns_between(since, self.newest_event_ns) / NS_PER_MIN
 
     def status(self) -> dict[str, Any]:
         """JSON-ready summary (counters, progress, gap bookkeeping)."""
@@ -307,6 +340,8 @@ class AssetState:
             "features_pending": self.features_pending,
             "features_last_ts": self.features.last_ts,
             "gap_minutes": self.gap_minutes,
+            "calendar": self.calendar.name,
+            "off_session_bars": self.off_session_bars,
         }
 
 

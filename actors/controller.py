@@ -6,16 +6,19 @@ State it owns (:class:`ControllerState`, checkpointed)
     (runner, job id, range), the candidate and incumbent versions with their paired forecasts
     (:class:`~tickcast.monitoring.shadow_eval.ForecastJoin` and
     :class:`~tickcast.monitoring.shadow_eval.PairedSample`), the serving-metrics baseline of a
-    watch, and the versions already judged. Plus the cursor of the ``predictions`` stream and
-    its event counter.
+    watch, the versions already judged and, while evaluating, its cursor on
+    ``predictions:<ASSET>``. Plus the event counter.
 
 Messages it answers
-    ``on_alert(asset, alert)`` (from a drift actor on CRITICAL; returns True once recorded),
+    ``on_alert(asset, alert)`` (from a market shard's drift watch when the score reaches
+    ``drift.retrain_score``; returns True once recorded),
     ``retrain(asset, reason)`` (now), ``evaluate(asset, version)`` (shadow-test a registered
     version), ``status()``, ``fingerprint()``, ``pid()``, ``stop()``.
 
-What it does, every ``controller.poll_s`` (a background thread)
-    1. *Retrain* on a CRITICAL alert (after ``retrain_min_new_bars`` bars of the new regime) or
+What it does, every ``controller.poll_s`` (a background thread), for the assets with work
+    (an alert, moved aliases, a phase other than idle, the periodic sweep; idle assets cost
+    nothing, so its work grows with what happens, not with the number of assets)
+    1. *Retrain* on a drift alert (after ``retrain_min_new_bars`` bars of the new regime) or
        every ``retrain_schedule_s``: ``ray job submit`` of ``python -m training.retrain``
        (:class:`ray.job_submission.JobSubmissionClient`, ``working_dir`` = the project) when the
        cluster runs a job server, else the same :func:`training.pipeline.train_model` as a Ray
@@ -39,7 +42,7 @@ What it does, every ``controller.poll_s`` (a background thread)
 
 How it recovers
     Ray restarts it (``max_restarts=-1``); ``__init__`` loads the checkpoint and resumes reading
-    the prediction stream after the checkpointed id. A retraining job keeps running in the
+    each evaluated asset's prediction stream after its checkpointed id. A retraining job keeps running in the
     job server and is polled again by its id. A retraining task dies with its owner: on restart
     the controller adopts the challenger that task registered if it did, else reports it lost.
 """
@@ -72,9 +75,10 @@ from tickcast.monitoring.events import make_event
 from tickcast.monitoring.shadow_eval import (Comparison, Decision, ForecastJoin, PairedSample,
                                              compare_forecasts, decide_promotion, decide_rollback,
                                              parse_prediction)
-from tickcast.ray_runtime import NAMESPACE, ROOT, WORKING_DIR_EXCLUDES
+from tickcast.ray_runtime import ROOT, WORKING_DIR_EXCLUDES
 from tickcast.redis_server import connect
 from tickcast.storage.bar_store import BarStore
+from tickcast.streams import prediction_stream_key
 from tickcast.ticks import NS_PER_S
 from training.registry import ModelRegistry, registry_root
 
@@ -105,6 +109,7 @@ class AssetLoop:
     last_retrain_ns: int | None = None
     last_bar_ts: int = -1  # newest bar a logged forecast of this asset was for
     last_decision: dict[str, Any] | None = None
+    predictions_id: str | None = None  # cursor on predictions:<ASSET> while evaluating
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (no sample arrays)."""
@@ -122,7 +127,6 @@ class AssetLoop:
 class ControllerState:
     """Everything the controller checkpoints."""
 
-    predictions_id: str
     assets: dict[str, AssetLoop] = field(default_factory=dict)
     seq: int = 0
     started_ns: int = field(default_factory=time.time_ns)
@@ -202,6 +206,9 @@ class Controller(CheckpointedLoopActor):
         self.last_error: str | None = None
         self.restored = False
         self._tasks: dict[str, Any] = {}  # asset -> ObjectRef of a retraining task
+        self._woken: set[str] = set()  # assets with an event since the last step
+        self._registry_seen = -1
+        self._next_sweep = 0.0
         self._jobs: Any = None
         self._jobs_checked = False
         state, err = load_checkpoint(self.path)
@@ -211,7 +218,7 @@ class Controller(CheckpointedLoopActor):
         else:
             if err or state is not None:
                 self.last_error = err or "checkpoint of another kind: ignored"
-            self.state = ControllerState(stream_tail_id(self.client, settings.serve.prediction_stream))
+            self.state = ControllerState()
         for asset in settings.assets:
             self.state.assets.setdefault(asset, AssetLoop(asset, phase_since_ns=time.time_ns()))
         self._lock = threading.RLock()
@@ -276,13 +283,12 @@ class Controller(CheckpointedLoopActor):
         return out
 
     def _notify_monitors(self, asset: str, champion: str | None) -> None:
-        """Tell the asset's drift and safety actors about the new champion (no wait)."""
-        for prefix in ("drift:", "safety:"):
-            try:
-                handle = ray.get_actor(f"{prefix}{asset}", namespace=NAMESPACE)
-            except ValueError:
-                continue
-            call_quietly(lambda h=handle: h.follow_champion.remote(champion))
+        """Tell the shard that owns the asset about the new champion (no wait)."""
+        from actors.market_shard import shard_for
+
+        ref = call_quietly(lambda: shard_for(asset, self.client))
+        if ref is not None:
+            call_quietly(lambda: ref.follow_champion.remote(champion))
 
     def _latest_bar(self, asset: str, since_ns: int | None) -> tuple[int | None, int]:
         """(newest stored bar ts, bars stored after ``since_ns``)."""
@@ -293,30 +299,67 @@ class Controller(CheckpointedLoopActor):
 
     # ------------------------------------------------------------------ the step
     def _step(self) -> bool:
-        c = self.settings.controller
+        """Advance the assets with something to do; the rest cost nothing.
+
+        An idle asset has work only when its aliases move (one stat of the registry's change
+        marker tells), when a drift alert arrives (``on_alert``) or on the periodic sweep
+        (scheduled retraining). Assets retraining, shadowing or watching are advanced every
+        step, reading their own ``predictions:<ASSET>`` streams.
+        """
         with self._lock:
             self.sink.drain()
-            preds = read_entries(self.client, self.settings.serve.prediction_stream,
-                                 self.state.predictions_id, c.stream_batch)
-            by_asset: dict[str, list[Any]] = {}
-            for _eid, fields in preds:
-                f, _why = parse_prediction(fields)
-                if f is not None and f.asset in self.state.assets:
-                    by_asset.setdefault(f.asset, []).append(f)
-            if preds:
-                self.state.predictions_id = preds[-1][0]
-            for asset, loop in self.state.assets.items():
-                forecasts = by_asset.get(asset, [])
-                if forecasts:
-                    loop.last_bar_ts = max(loop.last_bar_ts, max(f.bar_ts for f in forecasts))
+            now = time.monotonic()
+            changed = self.registry.changed_ns()
+            sweep = changed != self._registry_seen or now >= self._next_sweep
+            if sweep:
+                self._registry_seen = changed
+                self._next_sweep = now + self.settings.shards.monitor_sweep_s
+            loops = [lp for lp in self.state.assets.values()
+                     if sweep or lp.phase != "idle" or lp.asset in self._woken]
+            self._woken.clear()
+            more = False
+            for loop in loops:
+                forecasts: list[Any] = []
+                if loop.phase in ("shadow", "watch"):
+                    forecasts, full = self._read_forecasts(loop)
+                    more = more or full
                 try:
                     self._advance(loop, forecasts)
                 except TickcastError as exc:
-                    self.last_error = f"{asset}: {exc.message}"
-                    log.warning("controller %s: %s", asset, exc.message)
-            self._save()
+                    self.last_error = f"{loop.asset}: {exc.message}"
+                    log.warning("controller %s: %s", loop.asset, exc.message)
+            if loops:
+                self._save()
             self._steps += 1
-            return len(preds) >= c.stream_batch
+            return more
+
+    def _read_forecasts(self, loop: AssetLoop) -> tuple[list[Any], bool]:
+        """New forecasts of ``loop.asset`` from its prediction stream (and whether more wait)."""
+        c = self.settings.controller
+        key = prediction_stream_key(self.settings.serve.prediction_stream, loop.asset)
+        if loop.predictions_id is None:
+            loop.predictions_id = stream_tail_id(self.client, key)
+        preds = read_entries(self.client, key, loop.predictions_id, c.stream_batch)
+        forecasts = []
+        for _eid, fields in preds:
+            f, _why = parse_prediction(fields)
+            if f is not None and f.asset == loop.asset:
+                forecasts.append(f)
+        if preds:
+            loop.predictions_id = preds[-1][0]
+        if forecasts:
+            loop.last_bar_ts = max(loop.last_bar_ts, max(f.bar_ts for f in forecasts))
+        return forecasts, len(preds) >= c.stream_batch
+
+    def _newest_forecast_bar(self, asset: str) -> int:
+        """Bar of the newest logged forecast of ``asset`` (-1 when none)."""
+        key = prediction_stream_key(self.settings.serve.prediction_stream, asset)
+        newest: Any = self.client.xrevrange(key, count=1)
+        for _eid, fields in newest or ():
+            f, _why = parse_prediction(fields)
+            if f is not None:
+                return int(f.bar_ts)
+        return -1
 
     def _advance(self, loop: AssetLoop, forecasts: list[Any]) -> None:
         aliases = self.registry.aliases(loop.asset)
@@ -513,6 +556,8 @@ class Controller(CheckpointedLoopActor):
 
     def _start_shadow(self, loop: AssetLoop, challenger: str, origin: str) -> None:
         assert loop.champion is not None
+        key = prediction_stream_key(self.settings.serve.prediction_stream, loop.asset)
+        loop.predictions_id = stream_tail_id(self.client, key)
         self._new_join(loop, challenger, loop.champion, 0)
         loop.candidate, loop.incumbent, loop.origin = challenger, loop.champion, origin
         self._phase(loop, "shadow")
@@ -524,6 +569,10 @@ class Controller(CheckpointedLoopActor):
                    route=None if route is None else route.to_dict())
 
     def _start_watch(self, loop: AssetLoop, new: str, previous: str, origin: str) -> None:
+        if loop.predictions_id is None:  # not read while idle: start from the stream's end
+            key = prediction_stream_key(self.settings.serve.prediction_stream, loop.asset)
+            loop.predictions_id = stream_tail_id(self.client, key)
+            loop.last_bar_ts = max(loop.last_bar_ts, self._newest_forecast_bar(loop.asset))
         since = loop.last_bar_ts + self.freq_ns if loop.last_bar_ts >= 0 else 0
         self._new_join(loop, new, previous, since)
         loop.candidate, loop.incumbent, loop.origin = new, previous, origin
@@ -659,6 +708,7 @@ class Controller(CheckpointedLoopActor):
         self._clear(loop)
 
     def _clear(self, loop: AssetLoop) -> None:
+        loop.predictions_id = None  # idle assets read nothing
         loop.candidate = loop.incumbent = loop.origin = None
         loop.join = loop.sample = None
         loop.baseline = None
@@ -686,6 +736,7 @@ class Controller(CheckpointedLoopActor):
                                   f"(cooldown {c.retrain_cooldown_s:.0f} s)")
             else:
                 loop.alert = dict(alert)
+                self._woken.add(asset)
                 self._phase(loop, "waiting_data")
                 self._emit(asset, "retrain_scheduled", alert=alert,
                            min_new_bars=c.retrain_min_new_bars,
@@ -726,7 +777,7 @@ class Controller(CheckpointedLoopActor):
         """Per-asset phase, candidate, pairs, last decision; errors (JSON-ready)."""
         with self._lock:
             return {"assets": {a: lp.to_dict() for a, lp in self.state.assets.items()},
-                    "predictions_id": self.state.predictions_id, "events": self.state.seq,
+                    "events": self.state.seq,
                     "steps": self._steps, "restored": self.restored,
                     "last_error": self.last_error, "pid": os.getpid(),
                     "job_server": self._jobs is not None if self._jobs_checked else None,

@@ -34,6 +34,7 @@ from tickcast.ticks import TickBatch
 # Redis's answer to an XADD whose explicit id is not above the stream's top: for our ids, the
 # entry is already there (a replayed round trip).
 _ID_TOO_SMALL = "equal or smaller than the target stream top item"
+SENT_FIELD = "sent"  # optional entry field: UNIX ns when the producer wrote the entry
 
 
 def stream_key(settings: Settings, asset: str) -> str:
@@ -196,8 +197,10 @@ class StreamFeeder:
         """One pipelined round trip of XADDs with explicit ids (idempotent, see module doc)."""
         entries: list[tuple[str, str, dict[str, bytes]]] = pickle.loads(payload)
         pipe = self.client.pipeline(transaction=False)
+        # ``sent``: when the entry reached Redis (UNIX ns; consumers time bar emission from it).
+        sent = str(time.time_ns()).encode()
         for key, entry_id, fields in entries:
-            pipe.xadd(key, fields, id=entry_id)  # type: ignore[arg-type]
+            pipe.xadd(key, {**fields, SENT_FIELD: sent}, id=entry_id)  # type: ignore[arg-type,dict-item]
         for result in pipe.execute(raise_on_error=False):
             if isinstance(result, redis.ResponseError) and _ID_TOO_SMALL in str(result):
                 continue  # already applied by an earlier attempt of this round trip

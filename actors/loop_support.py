@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,7 +24,6 @@ import numpy as np
 import ray
 import redis
 
-from actors.asset_actor import settings_fingerprint
 from tickcast.config import Settings
 from tickcast.monitoring import metrics_names as mn
 from tickcast.monitoring.events import EventLog
@@ -32,6 +32,12 @@ from tickcast.storage.breaker import CircuitBreaker
 from tickcast.storage.wal import GuardedWriter, WriteAheadLog
 
 log = logging.getLogger(__name__)
+
+
+def settings_fingerprint(settings: Settings, redis_url: str) -> str:
+    """Identity of an actor's configuration: a live actor with another one is replaced."""
+    blob = settings.model_dump_json() + "|" + redis_url
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -183,12 +189,11 @@ class LoopMetrics:
 # ------------------------------------------------------------------------------ actor lookup
 def get_or_create(actor_class: Any, name: str, settings: Settings, redis_url: str,
                   args: tuple[Any, ...], *, max_concurrency: int = 4,
-                  timeout_s: float = 60.0) -> Any:
+                  timeout_s: float = 60.0, options: dict[str, Any] | None = None) -> Any:
     """The live detached actor ``name`` with this configuration, creating it if needed.
 
     An actor of that name running with another configuration (another data dir, Redis or
-    thresholds) is stopped and replaced, as :func:`actors.asset_actor.get_or_create_asset_actor`
-    does for the asset actors.
+    thresholds) is stopped and replaced.
 
     Raises
     ------
@@ -204,7 +209,7 @@ def get_or_create(actor_class: Any, name: str, settings: Settings, redis_url: st
             except ValueError:
                 handle = actor_class.options(
                     name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
-                    max_concurrency=max_concurrency,
+                    max_concurrency=max_concurrency, **(options or {}),
                 ).remote(*args)
             if ray.get(handle.fingerprint.remote(), timeout=timeout_s) == fingerprint:
                 return handle

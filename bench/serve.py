@@ -511,7 +511,8 @@ def start_floor(settings: Any) -> None:
     options = deployment_options(settings)
     options["autoscaling_config"] = {k: v for k, v in options["autoscaling_config"].items()
                                      if k != "policy"}
-    serve.run(Floor.options(**options).bind(), name=FLOOR_APP, route_prefix=FLOOR_PREFIX,
+    serve.run(Floor.options(**options).bind(),  # type: ignore[attr-defined]
+              name=FLOOR_APP, route_prefix=FLOOR_PREFIX,
               blocking=False)
 
 
@@ -573,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from serve_app.app import start_serving
     from tickcast.redis_server import connect
+    from tickcast.streams import prediction_stream_key
 
     data_dir = Path(tempfile.mkdtemp(prefix="tickcast-bench-serve-"))
     setup: Setup | None = None
@@ -687,7 +689,8 @@ def main(argv: list[str] | None = None) -> int:
             "settle_s": {k: round(v.settle_s, 1) for k, v in runs.items()},
             "client_cpu_us_per_request": {k: round(1e6 * v.client_cpu / v.rps, 1) for k, v in runs.items() if v.rps},
             "prediction_log_written": log_written, "prediction_log_dropped": log_dropped,
-            "prediction_stream_len": int(redis.xlen(setup.settings.serve.prediction_stream)),
+            "prediction_stream_len": sum(int(redis.xlen(prediction_stream_key(
+                setup.settings.serve.prediction_stream, a))) for a in ["BTC-USD", *setup.assets]),
             "setup": {"shadow": not args.no_shadow, "green_weight": 0.1, "shadow_and_canary": "every asset",
                       "models_per_request": 1 if args.no_shadow else 2,
                       "duration_s": args.duration,

@@ -68,6 +68,7 @@ from serve_app.predictor import (AssetView, BatchResult, ModelFailed, ModelUnusa
 from serve_app.request_clock import (RequestClock, RequestTag, install_arrival_stamp,
                                      tag_of)
 from serve_app.routing import sticky_unit
+from serve_app.sessions import SessionBook
 from serve_app.slots import ModelLoader, SlotManager
 from tickcast.config import Settings
 from tickcast.errors import (Forbidden, InvalidInput, ServiceUnavailable, TickcastError,
@@ -573,6 +574,7 @@ class PredictorReplica:
         self.sticky_header = cfg.sticky_header
         self.sticky_salt = cfg.sticky_salt
         self.freq_ns = settings.bars.freq_s * NS_PER_S
+        self.sessions = SessionBook.from_settings(settings)  # markets that close (serve_app/sessions.py)
         self.prefix = cfg.redis_prefix
         _RUNTIME.max_body_bytes = cfg.max_body_bytes
         _RUNTIME.body_drain_bytes = cfg.body_drain_bytes
@@ -599,11 +601,11 @@ class PredictorReplica:
                                  registry_poll_s=cfg.registry_poll_s)
         bars_root = Path(settings.data_dir) / "bars"
         self.features = FeatureCache(client, refresh_s=cfg.feature_refresh_s,
-                                     discovery_s=cfg.feature_discovery_s,
+                                     resync_s=cfg.feature_resync_s,
                                      bar_close=self._bar_close_reader(bars_root),
                                      assets=settings.assets)
         self.metrics = ServeMetrics(cfg.sla_latency_ms)
-        self.logger = PredictionLogger(client, cfg.prediction_stream, cfg.prediction_stream_maxlen,
+        self.logger = PredictionLogger(client, cfg.prediction_stream, cfg.prediction_stream_maxlen_per_asset,
                                        cfg.prediction_log_batch, cfg.prediction_log_queue,
                                        settings.breaker, flush_s=cfg.prediction_log_flush_s,
                                        max_busy=cfg.prediction_log_max_busy)
@@ -684,7 +686,7 @@ class PredictorReplica:
             if self._view is not None and self._view_key == key:
                 return self._view
             view = ServingView(state, snap, self.settings.assets, self.freq_ns,
-                               self.settings.serve.feature_max_age_s)
+                               self.settings.serve.feature_max_age_s, self.sessions)
             self._view, self._view_key = view, key
             return view
 

@@ -1,13 +1,13 @@
 """What feeds the serving app's online features when ``tickcast serve`` runs.
 
-The per-asset actors (:mod:`actors.asset_actor`) consume ``ticks:<ASSET>`` and publish a feature
+The market shards (:mod:`actors.market_shard`) consume ``ticks:<ASSET>`` and publish a feature
 row at every consensus bar close; serving reads those rows from Redis. ``serve.feed`` chooses
 what ``tickcast serve`` starts:
 
 ``streams``
-    the asset actors only: ticks come from feed handlers writing the ingress streams.
+    the shards only: ticks come from feed handlers writing the ingress streams.
 ``simulator``
-    the actors plus :class:`LiveSimulatorFeed`, the market simulator run at wall-clock time (a
+    the shards plus :class:`LiveSimulatorFeed`, the market simulator run at wall-clock time (a
     demo feed). It continues each asset from its last stored close, first back-filling
     ``serve.feed_backfill_minutes`` (so features have their history and the first fresh row
     arrives within seconds), then keeps pace with the clock.
@@ -78,6 +78,7 @@ class LiveSimulatorFeed:
         return prices, last_ts
 
     def _build(self) -> Any:
+        from tickcast.market.calendar import trading_calendar
         from tickcast.sources.simulator import MarketSimulator
 
         prices, last_ts = self._start_prices()
@@ -93,7 +94,8 @@ class LiveSimulatorFeed:
         # filter would otherwise drop for hours. A provider sends far fewer than 10^6 ticks/s.
         return MarketSimulator(settings.simulator, self.assets, settings.serve.feed_seed,
                                consensus=settings.consensus, bars=settings.bars, start_ns=start,
-                               first_seq=now // 1000)
+                               first_seq=now // 1000,
+                               calendars={a: trading_calendar(settings, a) for a in self.assets})
 
     def _run(self) -> None:
         from actors.feeder import StreamFeeder
@@ -150,47 +152,45 @@ class FeatureFeed:
         self.settings = settings
         self.redis_url = redis_url
         self.mode = settings.serve.feed
-        self.created_actors: list[str] = []
+        self.shards: Any = None  # actors.market_shard.ShardSet once started
         self.simulator: LiveSimulatorFeed | None = None
+        self.start_s = 0.0
 
     def start(self) -> None:
-        """Start the asset actors (unless ``none``) and the live simulator (``simulator``)."""
+        """Start the market shards (unless ``none``; with the closed loop when
+        ``serve.closed_loop``) and the live simulator (``simulator``)."""
         if self.mode == "none":
             return
-        import ray
+        from actors.market_shard import get_or_create_shards
 
-        from actors.asset_actor import actor_name, get_or_create_asset_actor
-        from tickcast.ray_runtime import NAMESPACE
-
-        for asset in self.settings.assets:
-            try:
-                ray.get_actor(actor_name(asset), namespace=NAMESPACE)
-                existed = True
-            except ValueError:
-                existed = False
-            get_or_create_asset_actor(asset, self.settings, self.redis_url)
-            if not existed:
-                self.created_actors.append(asset)
+        t0 = time.perf_counter()
+        self.shards = get_or_create_shards(self.settings, self.redis_url,
+                                           closed_loop=self.settings.serve.closed_loop)
+        self.start_s = time.perf_counter() - t0
         if self.mode == "simulator":
             self.simulator = LiveSimulatorFeed(self.settings, self.redis_url, tuple(self.settings.assets))
             self.simulator.start()
 
     def stop(self) -> None:
-        """Stop the simulator and the actors this feed created (checkpointed first)."""
+        """Stop the simulator and the shards (each checkpoints its assets first)."""
         if self.simulator is not None:
             self.simulator.stop()
-        if self.created_actors:
-            from actors.asset_actor import kill_asset_actor
+        if self.shards is not None:
+            from actors.loop_support import kill_named
 
-            for asset in self.created_actors:
+            for name in self.shards.handles:
                 try:
-                    kill_asset_actor(asset)
+                    kill_named(name)
                 except Exception as exc:  # noqa: BLE001 - Ray already going down
-                    log.info("actor of %s not stopped: %s", asset, exc)
+                    log.info("shard %s not stopped: %s", name, exc)
 
     def status(self) -> dict[str, Any]:
-        """What runs (for the command's output)."""
-        out: dict[str, Any] = {"mode": self.mode, "actors_started": list(self.created_actors)}
+        """What runs (for the command's output): the shard map included."""
+        out: dict[str, Any] = {"mode": self.mode}
+        if self.shards is not None:
+            out["shards"] = {name: sum(1 for o in self.shards.owners.values() if o == name)
+                             for name in self.shards.handles}
+            out["shards_start_s"] = round(self.start_s, 2)
         if self.simulator is not None:
             out.update({"simulated_batches": self.simulator.batches,
                         "simulated_ticks": self.simulator.ticks, "error": self.simulator.error})

@@ -1,18 +1,27 @@
-"""Asynchronous prediction log: every prediction of both slots to the Redis stream ``predictions``.
+"""Asynchronous prediction log: every prediction of both slots to its asset's Redis stream.
+
+Each row goes to ``<serve.prediction_stream>:<ASSET>`` (``predictions:BTC-USD``, named by
+:func:`tickcast.streams.prediction_stream_key`), capped at about
+``serve.prediction_stream_maxlen_per_asset`` entries, so that a reader of one asset (its drift
+and safety state, an audit) reads that asset's predictions only: the closed loop's work grows
+with the number of assets, not with its square.
 
 The request path only appends a list of row tuples to a bounded in-memory queue (a lock and a
 counter, about a microsecond); it never waits for Redis and never fails because of it. A
-background thread takes the queued rows, encodes them as pipelined ``XADD`` commands (RESP
-written directly: about 2.5 µs per entry instead of ~15 µs through the generic command path)
-and sends them in chunks of ``serve.prediction_log_batch`` entries through a
+background thread takes the queued rows, encodes them as pipelined ``XADD`` commands, each to
+its row's asset stream (RESP written directly: about 2.5 µs per entry instead of ~15 µs through
+the generic command path) and sends them in chunks of ``serve.prediction_log_batch`` entries through a
 :class:`~tickcast.storage.breaker.CircuitBreaker`.
 
 Overload and outages lose log entries, never requests:
 
 * queue full (``serve.prediction_log_queue`` rows) → the new rows are dropped and counted;
 * breaker open → rows wait in the queue (up to its bound) until the breaker lets a probe in;
-* a chunk whose write fails → dropped and counted (re-sending it could duplicate entries
-  that did reach the stream);
+* a chunk whose write fails (connection lost, timeout) → dropped and counted (re-sending it
+  could duplicate entries that did reach their streams);
+* an ``XADD`` the server refuses (an asset's key holding another type) → that row dropped and
+  counted; the rest of the chunk is written, and the breaker counts it as a success (the server
+  answered);
 * the writer never uses more than ``serve.prediction_log_max_busy`` of the wall clock (it
   sleeps in proportion to the time it worked), so logging cannot starve the request threads of
   the interpreter lock under a flood such as 1,000-asset batches; the excess is dropped and
@@ -38,6 +47,7 @@ import redis
 from tickcast.config import BreakerConfig
 from tickcast.errors import CircuitOpen
 from tickcast.storage.breaker import CircuitBreaker
+from tickcast.streams import prediction_stream_key
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +56,9 @@ FIELDS: tuple[str, ...] = ("request_id", "asset", "slot", "version", "bar_ts", "
 # One queued row, in FIELDS order minus ``ts`` (stamped when the row is encoded):
 # (request_id, asset, slot, version, bar_ts|None, pred, lo, hi, price|None, shadow)
 Row = tuple[str, str, str, str, "int | None", float, float, float, "float | None", bool]
+# Command heads kept per asset; beyond this many distinct assets the cache starts over (assets
+# are validated and routed, so this bounds memory, it is not expected to be reached).
+_MAX_HEADS = 100_000
 
 
 def _bulk(value: str) -> str:
@@ -53,46 +66,61 @@ def _bulk(value: str) -> str:
 
 
 class RespXaddEncoder:
-    """Encodes prediction rows as RESP ``XADD <stream> MAXLEN ~ <n> * field value ...`` commands.
+    """Encodes prediction rows as RESP ``XADD <prefix>:<asset> MAXLEN ~ <n> * field value ...``
+    commands, one per row, each to the stream of the row's asset.
 
     Parameters
     ----------
-    stream
-        Stream key.
+    prefix
+        Stream key prefix (``serve.prediction_stream``); a row of asset A goes to
+        ``prediction_stream_key(prefix, A)``.
     maxlen
-        Approximate cap of the stream length (``MAXLEN ~``).
+        Approximate cap of each asset's stream length (``MAXLEN ~``).
 
     Examples
     --------
     >>> enc = RespXaddEncoder("predictions", 1000)
     >>> cmd = enc.encode([("r1", "BTC-USD", "blue", "v1", 60, 0.5, 0.25, 0.75, 100.0, False)], 7)
-    >>> cmd.count(b"\\r\\n$"), cmd.startswith(b"*28\\r\\n$4\\r\\nXADD\\r\\n")
+    >>> cmd.count(b"\\r\\n$"), cmd.startswith(b"*28\\r\\n$4\\r\\nXADD\\r\\n$19\\r\\npredictions:BTC-USD\\r\\n")
     (28, True)
     >>> b"$6\\r\\nshadow\\r\\n$1\\r\\n0\\r\\n" in cmd
     True
     """
 
-    def __init__(self, stream: str, maxlen: int) -> None:
-        if not stream:
-            raise ValueError("stream must be a non-empty key")
+    def __init__(self, prefix: str, maxlen: int) -> None:
+        if not prefix:
+            raise ValueError("prefix must be a non-empty key prefix")
         if maxlen < 1:
             raise ValueError(f"maxlen must be >= 1, got {maxlen}")
-        self.stream = stream
+        self.prefix = prefix
         self.maxlen = int(maxlen)
         nargs = 6 + 2 * len(FIELDS)
-        self._head = (f"*{nargs}\r\n$4\r\nXADD\r\n{_bulk(stream)}$6\r\nMAXLEN\r\n$1\r\n~\r\n"
-                      f"{_bulk(str(self.maxlen))}$1\r\n*\r\n")
+        self._cmd = f"*{nargs}\r\n$4\r\nXADD\r\n"
+        self._tail = f"$6\r\nMAXLEN\r\n$1\r\n~\r\n{_bulk(str(self.maxlen))}$1\r\n*\r\n"
+        self._heads: dict[str, str] = {}
         self._names = [_bulk(name) for name in FIELDS]
 
+    def head(self, asset: str) -> str:
+        """RESP text of ``XADD <stream of asset> MAXLEN ~ <n> *`` (cached per asset)."""
+        head = self._heads.get(asset)
+        if head is None:
+            if len(self._heads) >= _MAX_HEADS:
+                self._heads.clear()
+            head = self._heads[asset] = (f"{self._cmd}{_bulk(prediction_stream_key(self.prefix, asset))}"
+                                         f"{self._tail}")
+        return head
+
     def encode(self, rows: Sequence[Row], ts_ns: int) -> bytes:
-        """RESP bytes of one ``XADD`` per row, all stamped ``ts_ns``."""
-        head = self._head
+        """RESP bytes of one ``XADD`` per row (to its asset's stream), all stamped ``ts_ns``."""
+        heads = self._heads
+        head_of = self.head
         n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10 = self._names
         ts = str(int(ts_ns))
         tsf = f"{n9}${len(ts)}\r\n{ts}\r\n"
         out: list[str] = []
         append = out.append
         for rid, asset, slot, version, bar_ts, pred, lo, hi, price, shadow in rows:
+            head = heads.get(asset) or head_of(asset)
             b = "-1" if bar_ts is None else str(int(bar_ts))
             p = repr(float(pred))
             lw = repr(float(lo))
@@ -111,16 +139,17 @@ class RespXaddEncoder:
 
 
 class PredictionLogger:
-    """Bounded queue + background writer of prediction rows to a Redis stream.
+    """Bounded queue + background writer of prediction rows to per-asset Redis streams.
 
     Parameters
     ----------
     client_factory
         Returns a connected Redis client (called in the writer thread; retried on failure).
     stream
-        Stream key (``serve.prediction_stream``).
+        Prefix of the per-asset stream keys (``serve.prediction_stream``): rows of asset A go
+        to ``prediction_stream_key(stream, A)``.
     maxlen
-        Approximate stream cap (``serve.prediction_stream_maxlen``).
+        Approximate cap of each asset's stream (``serve.prediction_stream_maxlen_per_asset``).
     batch
         Entries per pipelined write (``serve.prediction_log_batch``).
     queue_rows
@@ -207,19 +236,22 @@ class PredictionLogger:
                 out.extend(rows)
         return out
 
-    def _done(self, n: int, written: bool) -> None:
+    def _done(self, written: int, failed: int) -> None:
         with self._lock:
-            self._queued -= n
-            if written:
-                self._written += n
-            else:
-                self._dropped_failed += n
+            self._queued -= written + failed
+            self._written += written
+            self._dropped_failed += failed
 
     def _put_back(self, rows: list[Row]) -> None:
         with self._lock:
             self._queue.appendleft(rows)
 
-    def _write(self, rows: list[Row]) -> None:
+    def _write(self, rows: list[Row]) -> tuple[int, str]:
+        """Send ``rows``; returns how many XADDs the server refused and the first reason.
+
+        A refused XADD (one asset's key holding another type...) is that row's loss alone:
+        the server answered, so it is not a failure for the breaker.
+        """
         if self._client is None:
             self._client = self._factory()
         payload = self._encoder.encode(rows, time.time_ns())
@@ -227,13 +259,14 @@ class PredictionLogger:
         try:
             conn.send_packed_command([payload], check_health=False)
             errors = 0
+            first = ""
             for _ in rows:
                 try:
                     conn.read_response()
-                except redis.ResponseError:
+                except redis.ResponseError as exc:
                     errors += 1  # e.g. the key holds another type: counted, stream unaffected
-            if errors:
-                raise redis.ResponseError(f"{errors} of {len(rows)} XADD commands failed")
+                    first = first or f"ResponseError: {exc}"
+            return errors, first
         except BaseException:
             conn.disconnect()  # a half-read pipeline leaves the connection out of sync
             raise
@@ -248,7 +281,7 @@ class PredictionLogger:
                 continue
             started = time.perf_counter()
             try:
-                self.breaker.call(self._write, rows)
+                refused, why = self.breaker.call(self._write, rows)
             except CircuitOpen as exc:
                 self._put_back(rows)
                 self._stop.wait(max(getattr(exc, "retry_after_s", 0.0), self.flush_s))
@@ -256,10 +289,12 @@ class PredictionLogger:
             except Exception as exc:  # noqa: BLE001 - Redis down, timeout, reset: count, go on
                 self._last_error = f"{type(exc).__name__}: {exc}"
                 self._client = None
-                self._done(len(rows), written=False)
+                self._done(0, len(rows))
                 self._stop.wait(self.flush_s)
                 continue
-            self._done(len(rows), written=True)
+            if refused:
+                self._last_error = f"{refused} of {len(rows)} XADD refused; {why}"
+            self._done(len(rows) - refused, refused)
             busy = time.perf_counter() - started
             if self.max_busy < 1.0:
                 # Work at most max_busy of the time: sleep busy * (1/max_busy - 1).

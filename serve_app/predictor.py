@@ -30,6 +30,7 @@ import numpy as np
 from serve_app.feature_cache import NORMAL, FeatureEntry, FeatureSnapshot, SafetyEntry
 from serve_app.metrics import ModelFault
 from serve_app.routing import AssetRoute
+from serve_app.sessions import SessionBook, check_open, closed_assets, closed_rows, session_entry
 from serve_app.slots import LoadedModel, ServingState
 from tickcast.errors import InvalidInput, ServiceUnavailable, TickcastError, UnknownAsset
 
@@ -324,10 +325,13 @@ class ServingView:
         Bar length (a bar's features age from its close, ``bar_ts + freq_ns``).
     max_age_s
         Features older than this are refused (``serve.feature_max_age_s``).
+    sessions
+        Trading calendars of the assets whose market closes (None: all trade 24/7).
     """
 
     def __init__(self, state: ServingState, snapshot: FeatureSnapshot, known_assets: Iterable[str],
-                 freq_ns: int, max_age_s: float) -> None:
+                 freq_ns: int, max_age_s: float, sessions: SessionBook | None = None) -> None:
+        self.sessions = sessions
         self.state = state
         self.snapshot = snapshot
         self.freq_ns = int(freq_ns)
@@ -367,7 +371,9 @@ class ServingView:
         raise ServiceUnavailable(reason or f"no model loaded for {asset}")
 
     def check_fresh(self, view: AssetView, now_ns: int) -> float:
-        """Age (s) of the asset's online features; raises 503 when missing or too old."""
+        """Age (s) of the asset's online features; raises 503 when the market is closed, or the
+        features are missing or too old."""
+        check_open(self.sessions, view.asset, now_ns)
         feature = view.feature
         if feature is None:
             raise ServiceUnavailable(f"no online features for {view.asset}")
@@ -494,8 +500,9 @@ class ServingView:
                     errors.append((a, "unavailable", self.state.errors.get(a) or f"no model loaded for {a}"))
         ages = (now_ns - (bi.bar_ts[np.maximum(pos, 0)] + self.freq_ns)) / 1e9
         ages = np.maximum(ages, 0.0)
-        ok = (pos >= 0) & (ages <= self.max_age_s)
-        for k in np.flatnonzero((pos >= 0) & ~ok).tolist():
+        shut = closed_rows(self.sessions, bi.names, pos, now_ns, errors)
+        ok = (pos >= 0) & (ages <= self.max_age_s) & ~shut
+        for k in np.flatnonzero((pos >= 0) & ~ok & ~shut).tolist():
             a = assets[k]
             errors.append((a, "unavailable", f"features of {a} are stale: bar closed {ages[k]:.1f} s "
                                              f"ago (limit {self.max_age_s:g} s)"))
@@ -577,7 +584,8 @@ class ServingView:
         servable: set[str] = set()
         for asset in sorted(set(self.assets) | set(required)):
             view = self.assets.get(asset)
-            entry: dict[str, object] = {"model": False, "features": False}
+            entry: dict[str, object] = {"model": False, "features": False,
+                                        "session": session_entry(self.sessions, asset, now_ns)}
             if view is None:
                 why = self.state.errors.get(asset) or "no model loaded"
                 entry["reason"] = why
@@ -598,18 +606,19 @@ class ServingView:
                 if view.feature is not None:
                     entry["feature_age_s"] = round(view.feature.age_s(now_ns, self.freq_ns), 3)
             status[asset] = entry
-        required_routed = [a for a in required if a in self.assets]
+        resting = closed_assets(status)  # a closed market is not a failure: it blocks nothing
+        required_routed = [a for a in required if a in self.assets and a not in resting]
         for a in required_routed:
             if a not in servable:
                 reasons.append(f"{a}: {status[a].get('reason', 'not servable')}")
-        if not servable:
+        if not servable and not resting:
             if not self.assets:
                 reasons.append("no model loaded for any asset" if self.state.rev >= 0
                                else "routing state not loaded yet")
             else:
                 reasons.extend(f"{a}: {status[a].get('reason')}" for a in sorted(self.assets)
                                if a not in required_routed)
-        ready = bool(servable) and all(a in servable for a in required_routed)
+        ready = bool(servable or resting) and all(a in servable for a in required_routed)
         return ready, reasons, status
 
 

@@ -7,6 +7,8 @@ Unit tests of pure logic use neither. Integration tests ask for ``redis_url`` an
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -57,7 +59,7 @@ def ray_session() -> Iterator[None]:
         from ray import serve
 
         serve.shutdown()
-    except Exception:
+    except Exception:  # noqa: BLE001 - Serve never started
         pass
     ray.shutdown()
 
@@ -66,3 +68,81 @@ def ray_session() -> Iterator[None]:
 def settings(tmp_path: Path, redis_url: str) -> Settings:
     """Default settings pointed at a fresh data dir and the session's Redis."""
     return load_settings(overrides=[f"data_dir={tmp_path}", f"redis.url={redis_url}"])
+
+
+class ProcessMark:
+    """Tags every process a command starts, to find exactly those afterwards.
+
+    The command runs with ``TICKCAST_TEST_MARK=<uuid>`` in its environment, which every process
+    it starts inherits: Ray's gcs_server, raylet, agents and workers, Serve's HAProxy. Other
+    agents' Ray and Redis on the machine never carry this uuid, so nothing is matched by name.
+    redis-server overwrites its environment with its process title, so an embedded Redis is
+    found by its working directory instead: :meth:`watch` the data dir.
+    """
+
+    VAR = "TICKCAST_TEST_MARK"
+
+    def __init__(self) -> None:
+        self.value = uuid.uuid4().hex
+        self._needle = f"{self.VAR}={self.value}".encode()
+        self._dirs: list[Path] = []
+
+    def watch(self, directory: Path) -> None:
+        """Also count processes whose working directory is in ``directory``."""
+        self._dirs.append(Path(directory).resolve())
+
+    def _marked(self, entry: Path) -> bool:
+        if self._needle in (entry / "environ").read_bytes().split(b"\0"):
+            return True
+        if not self._dirs:
+            return False
+        cwd = Path(os.readlink(entry / "cwd"))
+        return any(cwd == d or d in cwd.parents for d in self._dirs)
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        return {**(os.environ if base is None else base), self.VAR: self.value}
+
+    def processes(self) -> list[tuple[int, str]]:
+        """(pid, command line) of the running (not zombie) processes carrying the mark."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if not self._marked(entry):
+                    continue
+                if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+                argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            found.append((int(entry.name), argv.strip()[:160]))
+        return found
+
+    def remaining(self, grace_s: float = 10.0) -> list[tuple[int, str]]:
+        """The marked processes still running after up to ``grace_s`` (processes in exit)."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            left = self.processes()
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.5)
+
+
+    def kill(self) -> None:
+        """SIGKILL whatever carries the mark (a failed test's leftovers)."""
+        import signal
+
+        for pid, _ in self.processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def process_mark() -> Iterator[ProcessMark]:
+    """A fresh :class:`ProcessMark`; whatever still carries it at teardown is killed."""
+    mark = ProcessMark()
+    yield mark
+    mark.kill()

@@ -2,22 +2,30 @@
 
 Each plane registers its subcommands from a module in :mod:`tickcast.commands`; this file only
 wires them together and turns :class:`~tickcast.errors.TickcastError` into a clear message
-and exit code 2 (never a traceback for a user's mistake).
+and exit code 2 (never a traceback for a user's mistake), as it does for the environment's
+refusals to write (permissions, a read-only or full disk). SIGINT and SIGTERM unwind a command
+through its clean-up (:mod:`tickcast.signals`) and end it with 128 + the signal's number.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import sys
 from typing import Any
 
+from tickcast import signals
 from tickcast.config import Settings, load_settings
 from tickcast.errors import TickcastError
 
+# OSErrors that are the machine's state, not a bug: one line, exit 2.
+ENVIRONMENT_ERRNOS: frozenset[int] = frozenset(
+    {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EMFILE})
+
 # Modules under tickcast.commands that define ``register(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = ("data", "model", "serving", "loop")
+COMMAND_MODULES: tuple[str, ...] = ("data", "model", "serving", "loop", "shards")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -60,11 +68,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        rc = args.func(args)
+        with signals.handled():
+            rc = args.func(args)
     except TickcastError as exc:
         where = f" ({exc.field})" if exc.field else ""
         print(f"error: {exc.message}{where}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        path = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror}{path}", file=sys.stderr)
+        return 2
+    except signals.Interrupted as exc:
+        print(f"interrupted by {exc.name}; stopped what the command had started", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -14,11 +14,14 @@ default. A bad file or value raises :class:`tickcast.errors.ConfigError` naming 
 from __future__ import annotations
 
 import os
+from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
 
 from tickcast.errors import ConfigError
 
@@ -48,6 +51,7 @@ class IngestConfig(Section):
     # None: join the cluster in RAY_ADDRESS or the one `ray start` recorded, else start a
     # private local Ray; "local": always private; anything else: that cluster address.
     ray_address: str | None = None
+    ray_connect_timeout_s: float = Field(10.0, gt=0)  # a cluster's port must accept TCP by then
     keep_tick_status: bool = False  # audit mode: actors keep (provider, seq, status) per tick
     xadd_pipeline_entries: int = Field(32, ge=1)  # stream entries per Redis round trip (driver)
     actor_max_concurrency: int = Field(8, ge=2)  # asset actor threads: consumer + queries
@@ -80,6 +84,26 @@ class OutlierConfig(Section):
     level_window: int = Field(5, ge=1)  # ticks in each provider's robust (median) level
     dispersion_halflife_ticks: float = Field(200.0, gt=0)
     majority_min: int = Field(3, ge=2)  # fresh levels from which their median alone decides
+    # With fewer fresh levels a provider's own level can confirm its own move (re-anchor after
+    # a few ticks) only when that move, from the price of its last accepted tick, is plausible:
+    # at most max(reanchor_max_bp, reanchor_vol_k x its recent 1-minute volatility). A larger
+    # move must first persist for reanchor_persist_s, or be confirmed by another provider.
+    reanchor_max_bp: float = Field(1000.0, gt=0)
+    reanchor_vol_k: float = Field(10.0, ge=0)
+    reanchor_persist_s: float = Field(300.0, ge=0)
+    # Volatility: EWMA over the accepted ticks judged by fewer than majority_min levels of
+    # r^2 / max(dt, reanchor_vol_min_dt_s), a variance per second (below the floor, price
+    # changes are microstructure noise, not volatility).
+    reanchor_vol_halflife_ticks: float = Field(500.0, gt=0)
+    reanchor_vol_min_dt_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _reanchor_above_band(self) -> "OutlierConfig":
+        # A move inside the band never needs re-anchoring; a plausibility cap below it would
+        # hold back moves the band accepts.
+        if self.reanchor_max_bp < self.band_bp:
+            raise ValueError("reanchor_max_bp must be >= band_bp")
+        return self
 
 
 class ConsensusConfig(Section):
@@ -93,6 +117,9 @@ class ConsensusConfig(Section):
     frozen_dispersion_k: float = Field(2.0, ge=0)
     reliability_alpha: float = Field(0.02, gt=0, le=1)  # EWMA step of provider reliability
     min_reliability: float = Field(0.2, ge=0, le=1)  # below: provider excluded from consensus
+    # Above it, a provider's votes weigh its reliability ("reliability": weighted median) or
+    # count alike ("equal": the plain median of the providers left in).
+    weighting: Literal["reliability", "equal"] = "reliability"
 
 
 class BarConfig(Section):
@@ -101,14 +128,26 @@ class BarConfig(Section):
 
 
 class GapConfig(Section):
+    # By duration: ffill up to ffill_max_minutes; MICE from mice_min_minutes to
+    # mice_max_minutes where other providers' series allow it; else linear interpolation up to
+    # interp_max_minutes; else recovery from one other provider; else excluded.
     ffill_max_minutes: int = Field(2, ge=0)
     interp_max_minutes: int = Field(10, ge=0)
     provider_recovery: bool = True
+    mice_min_minutes: int = Field(3, ge=1)
+    mice_max_minutes: int = Field(720, ge=0)  # 0: MICE off
+    mice_context_minutes: int = Field(240, ge=1)  # fitted on this much on each side of the gap
+    mice_min_rows: int = Field(30, ge=2)  # fewest minutes where series and a predictor both quote
+    mice_imputations: int = Field(5, ge=1)
+    mice_max_iter: int = Field(10, ge=1)
+    mice_seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> "GapConfig":
         if self.interp_max_minutes < self.ffill_max_minutes:
             raise ValueError("interp_max_minutes must be >= ffill_max_minutes")
+        if self.mice_max_minutes and self.mice_max_minutes < self.mice_min_minutes:
+            raise ValueError("mice_max_minutes must be 0 (off) or >= mice_min_minutes")
         return self
 
 
@@ -123,6 +162,41 @@ class BreakerConfig(Section):
     backoff_multiplier: float = Field(2.0, ge=1)
     max_open_s: float = Field(10.0, gt=0)
     half_open_probes: int = Field(3, ge=1)
+
+
+class RegimeConfig(Section):
+    """Volatility regimes of one simulated asset (all off by default: a plain GBM).
+
+    The mid's volatility is ``annual_vol x sqrt(g) x m``: ``g`` a GARCH(1,1) multiplier updated
+    every ``garch_step_s`` from the step's standardized return (``g' = 1 - a - b + a e^2 + b g``,
+    mean 1), ``m`` the multiplier of a spike (``spike_multiplier``) or a calm stretch
+    (``calm_multiplier``), episodes starting at Poisson rates and lasting U[lo, hi] minutes.
+    """
+
+    garch_alpha: float = Field(0.0, ge=0, lt=1)
+    garch_beta: float = Field(0.0, ge=0, lt=1)
+    garch_step_s: float = Field(60.0, gt=0)
+    spike_rate_per_hour: float = Field(0.0, ge=0)
+    spike_multiplier: float = Field(4.0, ge=1)
+    spike_minutes: tuple[float, float] = (10.0, 30.0)
+    calm_rate_per_hour: float = Field(0.0, ge=0)
+    calm_multiplier: float = Field(0.3, gt=0, le=1)
+    calm_minutes: tuple[float, float] = (30.0, 90.0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "RegimeConfig":
+        if self.garch_alpha + self.garch_beta >= 1:
+            raise ValueError("garch_alpha + garch_beta must be < 1 (a stationary variance)")
+        for name in ("spike_minutes", "calm_minutes"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name} must satisfy 0 < lo <= hi")
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether any regime process is on."""
+        return self.garch_alpha > 0 or self.spike_rate_per_hour > 0 or self.calm_rate_per_hour > 0
 
 
 class SimulatorConfig(Section):
@@ -152,6 +226,9 @@ class SimulatorConfig(Section):
     duplicate_delay_s: float = Field(2.0, gt=0)  # a re-send arrives up to this after the original
     out_of_order_max_s: float = Field(20.0, gt=0)  # + batch_s must stay < bars.allowed_lateness_s
     late_extra_s: tuple[float, float] = (5.0, 60.0)  # late = lateness + batch_s + U[lo, hi] s
+    # Volatility regimes per asset (GARCH clustering, spikes, calm stretches); an asset without
+    # an entry follows a plain GBM at annual_vol.
+    regimes: dict[str, RegimeConfig] = {}
 
     @model_validator(mode="after")
     def _anomalies(self) -> "SimulatorConfig":
@@ -170,6 +247,9 @@ class SimulatorConfig(Section):
         lo, hi = self.late_extra_s
         if not 0 <= lo <= hi:
             raise ValueError("late_extra_s must satisfy 0 <= lo <= hi")
+        unknown = sorted(set(self.regimes) - set(self.start_prices))
+        if unknown:
+            raise ValueError(f"regimes has asset(s) {unknown} without a start price")
         return self
 
 
@@ -248,7 +328,7 @@ class ServeConfig(Section):
     max_batch_assets: int = Field(5000, ge=1)
     feature_max_age_s: float = Field(180.0, gt=0)
     feature_refresh_s: float = Field(0.5, gt=0)
-    prediction_stream: str = "predictions"
+    prediction_stream: str = Field("predictions", min_length=1)  # prefix of predictions:<ASSET>
     prediction_log_batch: int = Field(256, ge=1)
     prediction_log_queue: int = Field(100_000, ge=1)
     sla_latency_ms: float = Field(150.0, gt=0)
@@ -269,13 +349,16 @@ class ServeConfig(Section):
     # Routing state (blue/green versions, weights, shadow) shared by replicas through Redis.
     redis_prefix: str = Field("serve:", min_length=1)
     registry_poll_s: float = Field(2.0, gt=0)  # registry aliases re-read (new champion/challenger)
-    feature_discovery_s: float = Field(5.0, gt=0)  # new features:<ASSET> keys looked for
+    # Replicas follow the change feed (changes:online) each feature_refresh_s and re-read
+    # every tracked asset only this often, as a safety net for writers that bypass the feed.
+    feature_resync_s: float = Field(60.0, gt=0)
     switch_timeout_s: float = Field(10.0, gt=0)  # admin calls wait this long for the local swap
     shadow_default: bool = False
     sticky_header: str = Field("X-Request-Key", min_length=1)
     sticky_salt: str = ""  # change it to reshuffle every A/B group at once
-    # Prediction log (stream `prediction_stream`).
-    prediction_stream_maxlen: int = Field(1_000_000, ge=1)
+    # Prediction log: one stream per asset, `<prediction_stream>:<ASSET>`, each capped at about
+    # this many entries (both slots' rows).
+    prediction_stream_maxlen_per_asset: int = Field(20_000, ge=1)
     prediction_log_flush_s: float = Field(0.05, gt=0)
     prediction_log_max_busy: float = Field(0.25, gt=0, le=1)  # writer's share of wall time, at most
     metrics_publish_s: float = Field(1.0, gt=0)  # replica metrics merged through Redis this often
@@ -285,6 +368,7 @@ class ServeConfig(Section):
     feed_backfill_minutes: float = Field(90.0, ge=0)
     feed_seed: int = 7
     ready_timeout_s: float = Field(300.0, gt=0)
+    stop_timeout_s: float = Field(120.0, gt=0)  # a stopping server's clean-up, then SIGKILL
 
 
 class DriftConfig(Section):
@@ -296,12 +380,14 @@ class DriftConfig(Section):
     critical_score: float = Field(0.3, gt=0)
     retrain_score: float = Field(0.2, gt=0)
     feature_top_fraction: float = Field(1.0, gt=0, le=1)  # feature score: mean of the top share
-    # Column score = weighted mean of KS, PSI and W1/IQR, each mapped onto the KS scale. KS
-    # alone by default: on real 1-min BTC features PSI and W1 react far more to autocorrelation
-    # (see tickcast/monitoring/drift.py); they are still reported per feature.
+    # Column score = weighted mean of KS and the mapped PSI, W1/IQR, TVD and KL (each onto the
+    # KS scale, see tickcast/monitoring/drift.py). Every measure counts; KS keeps the largest
+    # share because it reacts least to the autocorrelation of rolling features.
     weight_ks: float = Field(1.0, ge=0)
-    weight_psi: float = Field(0.0, ge=0)
-    weight_w1: float = Field(0.0, ge=0)
+    weight_psi: float = Field(0.25, ge=0)
+    weight_w1: float = Field(0.25, ge=0)
+    weight_tvd: float = Field(0.25, ge=0)
+    weight_kl: float = Field(0.25, ge=0)
     # Features left out of drift: time-of-day is cyclical, so a window shorter than a day
     # never matches a reference sampled over whole days.
     exclude_features: tuple[str, ...] = ("tod_sin", "tod_cos")
@@ -311,6 +397,21 @@ class DriftConfig(Section):
     psi_critical: float = Field(0.25, gt=0)  # ... and to critical_score
     w1_warning: float = Field(0.3, gt=0)  # Wasserstein-1 / reference IQR mapped likewise
     w1_critical: float = Field(0.6, gt=0)
+    # Total variation distance and KL(P_ref || P_live) on the PSI bins; the levels are where a
+    # normal location shift of 0.4 and 0.8 sigma puts them (KS is then 0.16 and 0.31).
+    tvd_warning: float = Field(0.15, gt=0)
+    tvd_critical: float = Field(0.3, gt=0)
+    kl_warning: float = Field(0.075, gt=0)
+    kl_critical: float = Field(0.3, gt=0)
+    kl_pseudocount: float = Field(0.5, gt=0)  # added to every bin of both histograms (KT smoothing)
+    # Label drift (P(Y), realized returns) and concept drift (P(Y|X): standardized residuals)
+    # use sliding windows of `window` labels. Label drift compares with the model's reference
+    # labels when it has them; both otherwise compare with the first this-many live labels.
+    live_reference_labels: int = Field(500, ge=50)
+    # Components whose score counts toward the overall score (the rest are reported only).
+    score_components: tuple[Literal["features", "predictions", "performance", "labels",
+                                    "concept"], ...] = ("features", "predictions", "performance",
+                                                        "concept")
     detector: Literal["page_hinkley", "cusum"] = "page_hinkley"
     # Change detectors work on values standardized by the reference mean and std. With
     # allowance 0.5 and threshold 16 the one-sided ARL0 is ~5.7e7 events and the mean delay for
@@ -339,6 +440,7 @@ class DriftConfig(Section):
         if not self.warning_score < self.critical_score:
             raise ValueError("warning_score must be < critical_score")
         for lo, hi in (("psi_warning", "psi_critical"), ("w1_warning", "w1_critical"),
+                       ("tvd_warning", "tvd_critical"), ("kl_warning", "kl_critical"),
                        ("performance_ratio_warning", "performance_ratio_critical")):
             if not getattr(self, lo) < getattr(self, hi):
                 raise ValueError(f"{lo} must be < {hi}")
@@ -346,8 +448,13 @@ class DriftConfig(Section):
             raise ValueError("performance_min_labels must be <= performance_window")
         if 0 < self.detector_warmup < 30:
             raise ValueError("detector_warmup must be 0 or >= 30")
-        if self.weight_ks + self.weight_psi + self.weight_w1 <= 0:
-            raise ValueError("weight_ks + weight_psi + weight_w1 must be > 0")
+        if (self.weight_ks + self.weight_psi + self.weight_w1 + self.weight_tvd
+                + self.weight_kl) <= 0:
+            raise ValueError("the weights weight_ks .. weight_kl must not all be 0")
+        if self.live_reference_labels < self.psi_bins:
+            raise ValueError("live_reference_labels must be >= psi_bins")
+        if not self.score_components or len(set(self.score_components)) != len(self.score_components):
+            raise ValueError("score_components must name at least one component, none twice")
         return self
 
 
@@ -366,6 +473,16 @@ class SafetyConfig(Section):
     # signal's paper equity (traded without the halt) is back at or below this level.
     halt_resume_drawdown: float = Field(0.025, ge=0, lt=1)
     sizing: Literal["sign", "interval"] = "sign"  # interval: median / half interval, clipped to 1
+    # Deadband: the paper accounts hold a position only while the forecast's edge beats its
+    # cost, |median| > model.fee_bp + half_spread_bp; otherwise they are flat. The market's
+    # bid/ask is not known here: half_spread_bp is the half spread assumed (BTC-USD on a major
+    # venue quotes about 0.1-1 bp; 1 bp leaves room for slippage). deadband: false trades
+    # every forecast's sign (the behaviour before; for comparison, see bench.safety_days).
+    deadband: bool = True
+    half_spread_bp: float = Field(1.0, ge=0)
+    # The user's own book (tickcast/monitoring/book.py): largest |position| accepted, as a
+    # multiple of the book's equity.
+    book_max_abs_position: float = Field(10.0, gt=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> "SafetyConfig":
@@ -380,6 +497,20 @@ class SafetyConfig(Section):
         if self.halt_resume_drawdown >= self.max_drawdown:
             raise ValueError("halt_resume_drawdown must be < max_drawdown")
         return self
+
+
+class ShardConfig(Section):
+    """Market shards: the actors that own the per-asset state (see docs/shards.md)."""
+
+    count: int | None = Field(None, ge=1)  # None: one per CPU of the cluster
+    # An asset's state is checkpointed after this many consumed entries or this many seconds,
+    # whichever comes first (a restart replays what came after, idempotently).
+    checkpoint_every_s: float = Field(60.0, gt=0)
+    # The closed loop of an asset is stepped on its events (a bar, a prediction); this sweep
+    # catches what has no event of its own (a champion changed in the registry).
+    monitor_sweep_s: float = Field(15.0, gt=0)
+    max_concurrency: int = Field(8, ge=2)  # consumer thread + queries
+    start_timeout_s: float = Field(120.0, gt=0)  # one shard's creation, recovery included
 
 
 class ControllerConfig(Section):
@@ -412,6 +543,99 @@ class ControllerConfig(Section):
     stream_batch: int = Field(2000, ge=1)  # stream entries read per XREAD by the loop actors
 
 
+ALWAYS_OPEN = "24/7"
+"""The calendar of an asset that never closes (crypto): the default of ``calendars``."""
+
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WEEKDAYS: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _clock_time(value: object, field: str) -> str:
+    """A local wall-clock time ``"HH:MM"`` (24 h), returned canonical (zero-padded).
+
+    YAML 1.1 reads an unquoted ``17:00`` as the base-60 integer 1020, so a number is refused
+    with a hint rather than guessed at.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"{field} must be a quoted \"HH:MM\" time (unquoted YAML 17:00 reads as "
+                         f"a number), got {value!r}")
+    parts = value.strip().split(":")
+    if len(parts) != 2 or not all(p.isdigit() and 1 <= len(p) <= 2 for p in parts):
+        raise ValueError(f"{field} must look like \"HH:MM\", got {value!r}")
+    hh, mm = int(parts[0]), int(parts[1])
+    if not (0 <= hh <= 23 and 0 <= mm <= 59):
+        raise ValueError(f"{field} {value!r} is not a time of day (00:00 to 23:59)")
+    return f"{hh:02d}:{mm:02d}"
+
+
+class WeeklySession(Section):
+    """One weekly trading session: opens at ``open`` on each of ``days`` (local time).
+
+    A ``close`` at or before ``open`` falls on the next day (an overnight session, as futures
+    trade from the evening to the next afternoon).
+    """
+
+    days: tuple[Weekday, ...] = Field(min_length=1)
+    open: str
+    close: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _times(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("open", "close"):
+                if key in data:
+                    data[key] = _clock_time(data[key], key)
+        return data
+
+
+class WeeklySessions(Section):
+    """A trading calendar given as weekly sessions in a time zone, with holidays.
+
+    ``holidays`` are local dates on which the market stays closed all day (00:00 to 24:00);
+    ``early_closes`` map a local date to the time at which the session open then closes.
+    """
+
+    timezone: str
+    sessions: tuple[WeeklySession, ...] = Field(min_length=1)
+    holidays: tuple[date, ...] = ()
+    early_closes: dict[date, str] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _early_times(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("early_closes"), dict):
+            data = dict(data)
+            data["early_closes"] = {k: _clock_time(v, f"early_closes.{k}")
+                                    for k, v in data["early_closes"].items()}
+        return data
+
+    @model_validator(mode="after")
+    def _zone(self) -> "WeeklySessions":
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone {self.timezone!r} is not an IANA time zone "
+                             "(e.g. America/Chicago, Europe/London, UTC)") from None
+        return self
+
+
+# A calendar entry: a name ("24/7" or a pandas_market_calendars calendar) or weekly sessions.
+# The discriminator picks the branch by type, so an error names the field inside the branch.
+CalendarSpec = Annotated[
+    Union[Annotated[str, Tag("name")], Annotated[WeeklySessions, Tag("weekly")]],
+    Discriminator(lambda v: "name" if isinstance(v, str) else "weekly"),
+]
+
+
+def exchange_calendar_names() -> frozenset[str]:
+    """Names of the ``pandas_market_calendars`` calendars (imported on first use: ~1 s)."""
+    import pandas_market_calendars as mcal  # heavy; only configs that name one pay for it
+
+    return frozenset(mcal.get_calendar_names())
+
+
 class Settings(Section):
     """The whole configuration. Build with :func:`load_settings`."""
 
@@ -434,6 +658,28 @@ class Settings(Section):
     drift: DriftConfig = DriftConfig()
     safety: SafetyConfig = SafetyConfig()
     controller: ControllerConfig = ControllerConfig()
+    shards: ShardConfig = ShardConfig()
+    # Trading calendar per asset (tickcast/market/calendar.py): "24/7" (the default for an
+    # asset not listed), the name of a pandas_market_calendars calendar (e.g. CMEGlobex_FX,
+    # XNYS), or WeeklySessions. Bars are expected only in session; a closure is not a gap.
+    calendars: dict[str, CalendarSpec] = {}
+
+    @field_validator("calendars")
+    @classmethod
+    def _calendars_known(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        assets = info.data.get("assets", ())
+        unknown = sorted(set(value) - set(assets))
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not in assets {list(assets)} (a typo would "
+                             "silently trade 24/7)")
+        names = {a: v for a, v in value.items() if isinstance(v, str) and v != ALWAYS_OPEN}
+        if names:
+            known = exchange_calendar_names()
+            for asset, name in sorted(names.items()):
+                if name not in known:
+                    raise ValueError(f"{asset}: {name!r} is neither \"24/7\" nor a "
+                                     "pandas_market_calendars name (e.g. CMEGlobex_FX, XNYS, XLON)")
+        return value
 
     def with_overrides(self, **updates: Any) -> "Settings":
         """Return a validated copy with top-level or dotted overrides applied."""

@@ -107,11 +107,13 @@ def demo_runtime(settings: Settings) -> Iterator[Settings]:
 
     url, started = ensure_redis(settings.redis, settings.data_dir)
     settings = settings.with_overrides(**{"redis.url": url})
-    conn = connect_ray(settings)
-    try:
+    conn = None
+    try:  # a Ray that fails to start must not leave the Redis just started behind
+        conn = connect_ray(settings)
         yield settings
     finally:
-        disconnect_ray(conn)
+        if conn is not None:
+            disconnect_ray(conn)
         if started is not None:
             started.stop()
 
@@ -139,7 +141,7 @@ def run_data_demo(settings: Settings, *, minutes: float = DEMO_MINUTES, wall_s: 
 
     assets = tuple(settings.assets[:2])
     speed = minutes * 60.0 / wall_s
-    print(f"== data plane: simulator -> Redis Streams -> actors {', '.join(f'asset:{a}' for a in assets)}"
+    print(f"== data plane: simulator -> Redis Streams ticks:<ASSET> -> market shards ({', '.join(assets)})"
           f" -> bars ({minutes:.0f} simulated minutes at {speed:.0f}x)", file=out, flush=True)
     live = LiveBars(out)
     t0 = time.monotonic()

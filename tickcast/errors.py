@@ -70,6 +70,36 @@ class CircuitOpen(ServiceUnavailable):
     code = "circuit_open"
 
 
+class RayUnavailable(ServiceUnavailable):
+    """Ray cannot be reached, refuses this process's credentials, or cannot start here."""
+
+    code = "ray_unavailable"
+
+
+class RedisUnavailable(ServiceUnavailable):
+    """The configured Redis does not answer, or refuses the credentials in its URL."""
+
+    code = "redis_unavailable"
+
+
+class PortInUse(ServiceUnavailable):
+    """A port this command must listen on is taken by another process."""
+
+    code = "port_in_use"
+
+
+class NotWritable(ConfigError):
+    """A directory the command must write to (the data dir) cannot be written."""
+
+    code = "not_writable"
+
+
+class NotRunning(NotFound):
+    """No server runs for the data dir a command names (``tickcast down``)."""
+
+    code = "not_running"
+
+
 class RegistryError(TickcastError):
     code = "registry"
 

@@ -3,7 +3,8 @@
 :func:`run_ingest` is what ``tickcast ingest`` runs:
 
 1. make sure Redis answers (embedded server unless ``REDIS_URL``) and attach to Ray;
-2. get or create the per-asset actors (``asset:<ASSET>``) and note their counters;
+2. get or create the market shards that own the assets (``shard:<i>``) and note the
+   assets' counters;
 3. read the source -- a bar file expanded into ticks (``replay``) or the market simulator
    (``sim``; unpaced, its deliveries are joined per asset up to ``ingest.batch_max_ticks``
    ticks) -- and append one stream entry per tick batch through a
@@ -290,15 +291,15 @@ def run_ingest(settings: Settings, plan: IngestPlan, *, progress: TextIO | None 
     """
     import ray
 
-    from actors.asset_actor import get_or_create_asset_actor
+    from actors.market_shard import get_or_create_shards
     from actors.feeder import StreamFeeder
-    from tickcast.ray_runtime import connect_ray, disconnect_ray
+    from tickcast.preflight import writable_dir
+    from tickcast.ray_runtime import RayConnection, connect_ray, disconnect_ray
     from tickcast.redis_server import connect, ensure_redis
 
     hooks = hooks or IngestHooks()
     cfg = settings.ingest
-    data_dir = Path(settings.data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = writable_dir(settings.data_dir)
     settings = settings.with_overrides(data_dir=str(data_dir))  # actors may run elsewhere
     meter = _Progress(progress, cfg.progress_every_s)
 
@@ -317,9 +318,11 @@ def run_ingest(settings: Settings, plan: IngestPlan, *, progress: TextIO | None 
         settings = settings.with_overrides(**{"ingest.keep_tick_status": True})  # to score detection
 
     url, started_redis = ensure_redis(settings.redis, data_dir)
-    conn = connect_ray(settings)
-    try:
-        actors = {a: get_or_create_asset_actor(a, settings, url) for a in plan.assets}
+    conn: RayConnection | None = None
+    try:  # from here on, whatever happens (an error, SIGINT, SIGTERM), the finally stops Redis
+        conn = connect_ray(settings)
+        # Per-asset handles on the market shards that own them (one process per shard).
+        actors = get_or_create_shards(settings, url, plan.assets).refs(plan.assets)
         before = {a: s for a, s in zip(plan.assets, ray.get([h.status.remote() for h in actors.values()]))}
         status_offset = {a: _status_len(h) for a, h in actors.items()} if plan.source == "sim" else {}
 
@@ -353,7 +356,8 @@ def run_ingest(settings: Settings, plan: IngestPlan, *, progress: TextIO | None 
                    f"{report['ticks_per_s']:,.0f} ticks/s")
         return report
     finally:
-        disconnect_ray(conn)
+        if conn is not None:
+            disconnect_ray(conn)
         if started_redis is not None:
             started_redis.stop()
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import redis
 
 from tickcast.config import RedisConfig
-from tickcast.errors import ServiceUnavailable
+from tickcast.errors import RedisUnavailable
 from tickcast.net import free_port
+from tickcast.preflight import require_free_port, writable_dir
 
 
 def _redis_binary() -> str:
@@ -55,8 +56,10 @@ class EmbeddedRedis:
     def start(cls, data_dir: str | os.PathLike[str], port: int = 0, appendfsync: str = "everysec") -> "EmbeddedRedis":
         # Absolute: redis-server changes into --dir before it opens --logfile, so a relative
         # data dir would name a log file that does not exist and the server would exit.
-        directory = Path(data_dir).resolve() / "redis"
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = writable_dir(Path(data_dir).resolve() / "redis")
+        if port:
+            require_free_port("127.0.0.1", port, field="redis.embedded_port",
+                              option="--set redis.embedded_port=0 (any free port)")
         srv = cls(directory=directory, port=port or free_port(), appendfsync=appendfsync)
         srv.restart()
         return srv
@@ -81,7 +84,14 @@ class EmbeddedRedis:
                                         start_new_session=True)
         (self.directory / "url").write_text(self.url)
         (self.directory / "pid").write_text(str(self.process.pid))
-        deadline = time.monotonic() + 15
+        try:
+            self._wait_ready(deadline=time.monotonic() + 15)
+        except BaseException:
+            self.stop()  # a failed or interrupted start leaves no server behind
+            raise
+
+    def _wait_ready(self, deadline: float) -> None:
+        assert self.process is not None
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
         while True:
             try:
@@ -90,9 +100,11 @@ class EmbeddedRedis:
             except redis.RedisError:
                 pass
             if self.process.poll() is not None or time.monotonic() > deadline:
-                log = (self.directory / "redis.log")
-                tail = log.read_text()[-2000:] if log.exists() else ""
-                raise ServiceUnavailable(f"embedded redis failed to start on port {self.port}: {tail}")
+                log = self.directory / "redis.log"
+                lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+                last = lines[-1].split(" # ", 1)[-1] if lines else "no log line"
+                raise RedisUnavailable(f"the embedded redis-server did not start on port "
+                                       f"{self.port}: {last} (log: {log})")
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -117,10 +129,23 @@ class EmbeddedRedis:
 
 
 def _alive(url: str) -> bool:
+    return _ping_error(url) is None
+
+
+def _ping_error(url: str) -> str | None:
+    """Why ``url`` does not answer PING (None when it does)."""
     try:
-        return bool(redis.Redis.from_url(url, socket_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
+        return None if redis.Redis.from_url(url, socket_timeout=0.5).ping() else "no PONG"
+    except redis.AuthenticationError as exc:
+        return f"it refused the credentials in the URL ({exc})"
+    except redis.ResponseError as exc:
+        if "NOAUTH" in str(exc) or "AUTH" in str(exc):
+            return f"it requires a password the URL does not give ({exc})"
+        return str(exc)
+    except redis.RedisError as exc:
+        return str(exc).rstrip(". ") or type(exc).__name__
+    except ValueError as exc:  # a malformed URL
+        return f"the URL is malformed ({exc})"
 
 
 def ensure_redis(cfg: RedisConfig, data_dir: str | os.PathLike[str]) -> tuple[str, EmbeddedRedis | None]:
@@ -130,8 +155,12 @@ def ensure_redis(cfg: RedisConfig, data_dir: str | os.PathLike[str]) -> tuple[st
     server, or an embedded one started earlier for the same data dir, is used).
     """
     if cfg.url:
-        if not _alive(cfg.url):
-            raise ServiceUnavailable(f"REDIS_URL {redact(cfg.url)} is not reachable")
+        problem = _ping_error(cfg.url)
+        if problem is not None:
+            raise RedisUnavailable(
+                f"Redis at {redact(cfg.url)} (REDIS_URL / redis.url) is not reachable: {problem}; "
+                f"start it or fix the URL, or unset REDIS_URL to run an embedded server in "
+                f"{Path(data_dir).resolve() / 'redis'}", field="redis.url")
         return cfg.url, None
     url_file = Path(data_dir) / "redis" / "url"
     if url_file.exists():

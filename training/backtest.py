@@ -71,7 +71,7 @@ def backtest_model(
         raise InvalidInput(f"end {iso(end_ns)} is not after start {iso(start_ns)}", field="end")
 
     bars = load_bars(settings, asset, start_ns, end_ns, realize_labels=True)
-    ds = build_dataset(bars, settings, start_ns, end_ns)
+    ds = build_dataset(bars, settings, start_ns, end_ns, asset=asset)
     if list(ds.feature_names) != list(card["feature_names"]):
         raise RegistryError("feature names differ from the model card", field="feature_names")
     predictor = QuantilePredictor(registry.model_bytes(asset, version))  # ONNX, as served

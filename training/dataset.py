@@ -26,6 +26,7 @@ from tickcast.config import Settings
 from tickcast.errors import InvalidInput
 from tickcast.features.definitions import compute_features, feature_names, lookback, make_labels
 from tickcast.features.definitions import schema_hash as feature_schema_hash
+from tickcast.market.calendar import trading_calendar
 from tickcast.storage.bar_store import BarStore
 
 
@@ -144,11 +145,13 @@ def load_bars(settings: Settings, asset: str, start_ns: int | None = None,
 
 
 def build_dataset(bars: pd.DataFrame, settings: Settings, start_ns: int | None = None,
-                  end_ns: int | None = None) -> Dataset:
+                  end_ns: int | None = None, *, asset: str | None = None) -> Dataset:
     """Features (H5a's one definition) and labels for bars, rows restricted to the range.
 
-    Rows without a finite label (last bars, imputed bars, bars next to gaps) are dropped; rows
-    whose features are partly NaN (warm-up) are kept.
+    Rows without a finite label (last bars, imputed bars, bars next to gaps, and bars whose
+    label would span a market closure) are dropped; rows whose features are partly NaN
+    (warm-up, e.g. after an open) are kept. With ``asset``, its trading calendar
+    (``calendars.<ASSET>``) marks bars outside its sessions invalid, as the features do.
 
     Raises
     ------
@@ -156,8 +159,9 @@ def build_dataset(bars: pd.DataFrame, settings: Settings, start_ns: int | None =
         No labeled rows in the range (``field="bars"``, with the counts).
     """
     f = freq_ns(settings)
-    feats = compute_features(bars, settings.features, freq_ns=f)
-    labels = make_labels(bars, settings.model.horizon, freq_ns=f)
+    calendar = None if asset is None else trading_calendar(settings, asset)
+    feats = compute_features(bars, settings.features, freq_ns=f, calendar=calendar)
+    labels = make_labels(bars, settings.model.horizon, freq_ns=f, calendar=calendar)
     ts = feats.index.to_numpy(dtype=np.int64)
     keep = np.isfinite(labels.to_numpy(dtype=np.float64))
     if start_ns is not None:

@@ -190,8 +190,10 @@ def diebold_mariano(loss_a: Any, loss_b: Any, h: int = 1) -> DMResult:
     ``sqrt((n + 1 - 2h + h(h-1)/n) / n)`` and compared with Student-t(n-1).
 
     Zero variance: when every ``d_t`` is equal (e.g. identical forecasts) the statistic is 0
-    with ``p = 1`` if the differences are 0, else ``+-inf`` with ``p = 0``. If the Newey-West
-    sum is not positive (possible for ``h > 1``) ``gamma_0`` alone is used.
+    with ``p = 1`` (``p_a_better = 0.5``) if the differences are 0, else ``+-inf`` with
+    ``p = 0`` and ``p_a_better`` 0 when a is always better (``-inf``), 1 when always worse:
+    the limits of the finite-variance formulas. If the Newey-West sum is not positive
+    (possible for ``h > 1``) ``gamma_0`` alone is used.
 
     Raises
     ------
@@ -226,11 +228,13 @@ def diebold_mariano(loss_a: Any, loss_b: Any, h: int = 1) -> DMResult:
     if lrv <= 0:
         lrv = gamma0
     if lrv <= 0 or np.all(d == d[0]):
-        # Every difference is the same number: no sampling noise at all.
+        # Every difference is the same number: no sampling noise at all. The one-sided p-value
+        # of "a is better" is then 0 when a's loss is lower every time (stat = -inf, the limit
+        # of t.cdf), 1 when it is higher every time.
         if dbar == 0:
             return DMResult(0.0, 1.0, n, 0.0, 0.5, int(h))
         stat = math.copysign(math.inf, dbar)
-        return DMResult(stat, 0.0, n, dbar, 1.0 if dbar < 0 else 0.0, int(h))
+        return DMResult(stat, 0.0, n, dbar, 0.0 if dbar < 0 else 1.0, int(h))
     dm = dbar / math.sqrt(lrv / n)
     stat = dm * math.sqrt(factor)
     t = stats.t(df=n - 1)

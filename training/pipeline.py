@@ -63,11 +63,15 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def reference_sample(ds: Dataset, rows: int) -> pd.DataFrame:
-    """Evenly spaced rows of ``ds`` (features + ``ts``): the drift monitor's reference."""
+    """Evenly spaced rows of ``ds`` (``ts``, features, ``label``): the drift monitor's reference.
+
+    The ``label`` column is label drift's reference (``tickcast.monitoring.drift.LABEL_COLUMN``).
+    """
     n = len(ds)
     idx = np.unique(np.linspace(0, n - 1, min(rows, n)).round().astype(int))
     frame = pd.DataFrame(ds.features[idx], columns=list(ds.feature_names))
     frame.insert(0, "ts", ds.ts[idx])
+    frame["label"] = ds.labels[idx]
     return frame
 
 
@@ -117,7 +121,7 @@ def train_model(
     if bars.empty:
         raise InvalidInput(f"no consensus bars of {asset} under {settings.data_dir}/bars",
                            field="asset")
-    ds = build_dataset(bars, settings, start_ns, end_ns)
+    ds = build_dataset(bars, settings, start_ns, end_ns, asset=asset)
     fit_idx, cal_idx = split_calibration(ds, m.calibration_fraction, m.horizon, m.purge_bars, f)
     fit_ds, cal_ds = ds.take(fit_idx), ds.take(cal_idx)
     folds = walk_forward_folds(fit_ds.ts, m.walk_forward_folds, m.horizon, m.purge_bars, f)

@@ -44,6 +44,7 @@ MODEL_FILE = "model.onnx"
 CARD_FILE = "card.json"
 REFERENCE_FILE = "reference.parquet"
 ALIASES_FILE = "aliases.json"
+CHANGED_FILE = ".aliases_changed"  # touched on every alias write (watchers stat one file)
 HISTORY_FILE = "alias_history.jsonl"
 
 _ASSET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -259,6 +260,49 @@ class ModelRegistry:
             self.set_alias(asset, alias, version)
         return version
 
+    def share(self, source_asset: str, version: str, assets: list[str] | tuple[str, ...],
+              alias: str | None = "champion") -> int:
+        """Register ``source_asset``'s ``version`` for other assets too (one pooled model).
+
+        A desk following many similar symbols may serve one model trained on one (or pooled)
+        history. The files are hard-linked (copied across filesystems), the card names the
+        new asset and says where it came from (``shared_from``). The version id is kept, so
+        a loader sharing predictors by file digest loads the model once. Returns how many
+        assets received it (those that already have the version are left as they are).
+
+        Raises
+        ------
+        NotFound
+            Unknown source version.
+        """
+        src = self.path(source_asset, version)
+        card = self.card(source_asset, version)
+        done = 0
+        for asset in assets:
+            if asset == source_asset:
+                continue
+            adir = self._asset_dir(asset)
+            target = adir / version
+            if not target.exists():
+                adir.mkdir(parents=True, exist_ok=True)
+                staging = adir / f".staging-{version}"
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir()
+                for f in src.iterdir():
+                    if f.name == CARD_FILE or not f.is_file():
+                        continue
+                    try:
+                        os.link(f, staging / f.name)
+                    except OSError:
+                        shutil.copy2(f, staging / f.name)
+                own = {**card, "asset": asset, "shared_from": f"{source_asset}/{version}"}
+                (staging / CARD_FILE).write_text(json.dumps(_json_safe(own), indent=2, sort_keys=True))
+                os.replace(staging, target)
+                done += 1
+            if alias is not None:
+                self.set_alias(asset, alias, version)
+        return done
+
     @contextlib.contextmanager
     def _locked(self, asset: str) -> Iterator[Path]:
         adir = self._asset_dir(asset)
@@ -277,6 +321,22 @@ class ModelRegistry:
                  "reason": reason, "before": old, "after": new}
         with open(adir / HISTORY_FILE, "a") as fh:
             fh.write(json.dumps(entry, sort_keys=True) + "\n")
+        self._mark_changed()
+
+    def _mark_changed(self) -> None:
+        """Bump the registry-wide change marker (one stat tells watchers that aliases moved)."""
+        marker = self.root / CHANGED_FILE
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        with open(marker, "a"):
+            pass
+        os.utime(marker)
+
+    def changed_ns(self) -> int:
+        """When any alias of any asset last moved (mtime of the marker, UNIX ns; 0: never)."""
+        try:
+            return (self.root / CHANGED_FILE).stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
 
     def _check_alias(self, alias: str) -> None:
         if alias not in ALIASES:

@@ -2,8 +2,8 @@
 namespace, and the bars of an undisturbed replay that the fault drills must reproduce.
 
 Every test that runs the actors uses its own data dir and its own stream prefix on the
-session's Redis, so runs never read each other's ticks; the per-asset actors are replaced when
-a test asks for them with other settings (see ``get_or_create_asset_actor``).
+session's Redis, so runs never read each other's ticks; the market shards are replaced when
+a test asks for them with other settings (see ``actors.market_shard.get_or_create_shards``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Multi-node drill, run in its own process by ``test_multinode.py``.
 
 Starts a Ray cluster of several nodes on this machine (``ray.cluster_utils.Cluster``: a head
-without CPUs, so the per-asset actors go to the workers, and two one-CPU workers), replays the
+without CPUs, so the market shards go to the workers, and two one-CPU workers), replays the
 slice through the actors, removes the worker node hosting the first asset's actor mid-replay
 (an autoscaler-style replacement node joins), and prints one JSON line: where the actors ran
 before and after, which node was removed, and the ingest report. The caller compares the stored
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray.cluster_utils import Cluster
 
-    from actors.asset_actor import actor_name
+    from actors.market_shard import shard_for
     from tickcast.config import load_settings
     from tickcast.ingest import IngestHooks, IngestPlan, run_ingest
     from tickcast.ray_runtime import NAMESPACE
@@ -56,11 +56,16 @@ def main(argv: list[str] | None = None) -> int:
             f"data_dir={args.data_dir}", f"redis.url={args.redis_url}",
             f"ingest.stream_prefix='{args.prefix}'", f"assets=[{args.assets}]",
             f"ingest.batch_max_ticks={args.batch}",
+            # Three shards by rendezvous hashing put the two assets on two shards (shard:0 and
+            # shard:2; shard:1 would own nothing and is not started), so they spread over the
+            # two workers.
+            "shards.count=3",
         ])
 
         def where() -> dict[str, str]:
-            handles = {a: ray.get_actor(actor_name(a), namespace=NAMESPACE) for a in assets}
-            return {a: ray.get(h.node_id.remote(), timeout=120) for a, h in handles.items()}
+            handles = {a: shard_for(a) for a in assets}
+            return {a: ray.get(h.node_id.remote(), timeout=120) for a, h in handles.items()
+                    if h is not None}
 
         def strike(entries: int) -> None:
             if entries != args.strike_at or "removed" in out:

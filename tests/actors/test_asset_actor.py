@@ -1,4 +1,4 @@
-"""The per-asset actors on the session's Ray and Redis: messages, fault drills, bad input.
+"""The market shards on the session's Ray and Redis: per-asset messages, fault drills, bad input.
 
 Drills replay one day of the shared file (two assets, three venues each) paced by event time,
 disturb the run mid-way, and require the stored bars to equal those of an undisturbed replay
@@ -19,10 +19,9 @@ from typing import Any, Callable
 import pytest
 import ray
 
-from actors.asset_actor import actor_name, get_or_create_asset_actor
+from actors.market_shard import AssetRef, get_or_create_shards, shard_for
 from actors.feeder import stream_key
 from tickcast.ingest import IngestHooks, IngestPlan, run_ingest
-from tickcast.ray_runtime import NAMESPACE
 from tickcast.redis_server import EmbeddedRedis, connect
 from tickcast.sources.replay import read_bar_file
 
@@ -33,8 +32,10 @@ DRILL_SPEED = 86_400 / 8
 STRIKE_AT_ENTRY = 40
 
 
-def _handle(asset: str) -> ray.actor.ActorHandle:
-    return ray.get_actor(actor_name(asset), namespace=NAMESPACE)
+def _handle(asset: str) -> AssetRef:
+    ref = shard_for(asset)
+    assert ref is not None, f"no market shard owns {asset}"
+    return ref
 
 
 def _same_counts(report: dict, reference: dict) -> None:
@@ -85,13 +86,16 @@ def test_actor_messages(baseline: Any, make_settings: Callable[..., Any],
     bar = recent.loc[recent["ts"] == int(features[b"bar_ts"])]
     assert len(bar) == 1 and float(features[b"close"]) == float(bar["close"].iloc[0])
     # Same settings: the live actor is reused, not replaced.
-    same = get_or_create_asset_actor("BTC-USD", settings, redis_url)
+    same = get_or_create_shards(settings, redis_url, ("BTC-USD",)).ref("BTC-USD")
     assert ray.get(same.pid.remote()) == st["pid"]
+    assert st["shard"] == same.shard_name
 
 
 def test_sigkill_mid_replay_loses_nothing(baseline: Any, make_settings: Callable[..., Any],
                                           day_slice: Path, tmp_path: Path, read_bars: Callable[..., Any]) -> None:
-    settings = make_settings()
+    # Checkpoints every 0.2 s (default 60 s), so the kill lands after several: the new
+    # incarnation resumes from a checkpoint, not from the start of the stream.
+    settings = make_settings("shards.checkpoint_every_s=0.2")
     killed: dict[str, int] = {}
 
     def strike(entries: int) -> None:
@@ -199,6 +203,40 @@ def test_bad_input_end_to_end(make_settings: Callable[..., Any], redis_url: str,
 def test_unknown_asset_actor_is_refused(make_settings: Callable[..., Any], redis_url: str,
                                         ray_session: None) -> None:
     with pytest.raises(Exception, match="DOGE-USD"):
-        get_or_create_asset_actor("DOGE-USD", make_settings(), redis_url, timeout_s=20)
-    with pytest.raises(ValueError):
-        ray.get_actor(actor_name("DOGE-USD"), namespace=NAMESPACE)
+        get_or_create_shards(make_settings(), redis_url, ("DOGE-USD",), timeout_s=20)
+    assert shard_for("DOGE-USD") is None
+
+
+def test_assets_move_between_shards_with_their_state(baseline: Any, make_settings: Callable[..., Any],
+                                                     redis_url: str, day_slice: Path, tmp_path: Path,
+                                                     read_bars: Callable[..., Any]) -> None:
+    """Half the day on one shard, then the shard count changes and the assets move: each new
+    owner loads the assets' checkpoints and the bars equal the undisturbed run's."""
+    from actors.feeder import StreamFeeder
+    from tickcast.ingest import open_replay
+
+    settings = make_settings("shards.count=1")
+    source = open_replay(day_slice, baseline.assets, settings.assets, settings.ingest.batch_max_ticks)
+    batches = [b for b in source.batches if len(b)]
+    first = get_or_create_shards(settings, redis_url, baseline.assets)
+    assert set(first.owners.values()) == {"shard:0"}
+    feeder = StreamFeeder(connect(redis_url), settings, tmp_path / "wal" / "feeder.wal", baseline.assets)
+
+    def feed(part: list[Any], refs: dict[str, Any]) -> None:
+        for batch in part:
+            feeder.add(batch)
+        feeder.flush()
+        for asset, eid in feeder.last_ids.items():
+            assert ray.get(refs[asset].wait_until.remote(eid, 300.0))["reached"], asset
+
+    half = len(batches) // 2
+    feed(batches[:half], first.refs())
+    moved = get_or_create_shards(settings.with_overrides(**{"shards.count": 3}), redis_url,
+                                 baseline.assets)
+    assert set(moved.owners.values()) == {"shard:0", "shard:2"}  # rendezvous over three shards
+    refs = moved.refs()
+    assert all(ray.get(r.status.remote())["restored"] for r in refs.values())
+    feed(batches[half:], refs)
+    ray.get([r.flush.remote() for r in refs.values()])
+    assert all(s["reached"] for s in ray.get([r.wait_settled.remote(300.0) for r in refs.values()]))
+    read_bars(tmp_path, baseline.assets).assert_equal(baseline.bars)

@@ -32,9 +32,9 @@ def test_node_removed_mid_replay(baseline: Any, day_slice: Path, redis_url: str,
     out = json.loads(proc.stdout.strip().splitlines()[-1])
 
     first, second = baseline.assets
-    assert out["before"][first] != out["before"][second], "actors were placed on different nodes"
+    assert out["before"][first] != out["before"][second], "the two shards were placed on different nodes"
     assert out["removed"] == out["before"][first]
-    assert out["after"][first] != out["removed"], "the lost actor was restarted on another node"
+    assert out["after"][first] != out["removed"], "the lost shard was restarted on another node"
     read_bars(tmp_path, baseline.assets).assert_equal(baseline.bars)
     for key, value in out["report"].items():
         assert value == baseline.report[key], key

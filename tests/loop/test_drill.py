@@ -1,7 +1,7 @@
 """``tickcast drill`` and ``tickcast events`` end to end.
 
-Each drill runs the real loop (its own embedded Redis, the session's Ray, the asset actor, a
-champion trained with Ray Tune, the Serve app, the drift and safety actors, the controller) on
+Each drill runs the real loop (its own embedded Redis, the session's Ray, the asset's market shard, a
+champion trained with Ray Tune, the Serve app, its drift and safety, the controller) on
 the shared BTC file; each takes one to two minutes here, hence ``slow``.
 """
 

@@ -149,15 +149,15 @@ def test_bad_closes_are_skipped_not_fatal() -> None:
 def test_actor_checkpoints_round_trip_through_pickle() -> None:
     """What the three actors checkpoint (their whole state) pickles and comes back equal."""
     from actors.controller import AssetLoop, ControllerState
-    from actors.drift_actor import DriftActorState
-    from actors.safety_actor import SafetyActorState
+    from actors.asset_drift import DriftActorState
+    from actors.asset_safety import SafetyActorState
     from tickcast.monitoring.shadow_eval import ForecastJoin, PairedSample
 
     loop = AssetLoop("X", champion="v1", phase="shadow", candidate="v2", incumbent="v1",
                      join=ForecastJoin(("v2", "v1"), 1, MIN), sample=PairedSample("v2", "v1"),
                      decided=["v0"], alert={"score": 0.4})
     loop.join.add([Forecast("X", "green", "v2", MIN, 0.0, -1.0, 1.0)])
-    state = ControllerState("5-0", {"X": loop}, seq=3)
+    state = ControllerState({"X": loop}, seq=3)
     back = pickle.loads(pickle.dumps(state))
     assert back.assets["X"].to_dict() == loop.to_dict() and back.seq == 3
     drift = DriftActorState("X", "1-0", "2-0", _tracker(), seq=7, notified=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
@@ -12,6 +13,21 @@ from tickcast.config import Settings
 from tickcast.ticks import NS_PER_S, TickBatch
 
 T0 = 1_700_000_040 * NS_PER_S  # a minute boundary (2023-11-14 22:14 UTC)
+
+_SHARED_NAME = Path("shared") / "data" / "btc_multivenue_1min_2023-03-01_09.csv.gz"
+_ROOT = Path(__file__).resolve().parents[2]
+# Beside the repository (the usual layout), or one level further up (a git worktree kept in a
+# folder of worktrees next to the repository).
+SHARED_CANDIDATES: tuple[Path, ...] = (_ROOT.parent / _SHARED_NAME, _ROOT.parent.parent / _SHARED_NAME)
+
+
+@pytest.fixture(scope="session")
+def shared_data_file() -> Path:
+    """The real multi-venue BTC file, read in place (never copied into the repository)."""
+    for path in SHARED_CANDIDATES:
+        if path.exists():
+            return path
+    pytest.skip(f"shared data not found at {SHARED_CANDIDATES[0]}")
 
 
 def ticks(names: list[str], secs: list[float] | np.ndarray, prices: list[float] | np.ndarray,

@@ -76,7 +76,7 @@ def test_dashboard_is_importable_shape(dashboard: dict) -> None:
 
 def test_metric_specs_are_consistent() -> None:
     assert all(name.startswith("tickcast_") for name in ALL_METRICS)
-    assert len(ALL_METRICS) == 15
+    assert len(ALL_METRICS) == 17
     for spec in METRICS.values():
         assert spec.kind in {"counter", "gauge", "histogram"}
         assert spec.prometheus_name == PROMETHEUS_PREFIX + spec.name

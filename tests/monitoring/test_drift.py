@@ -8,10 +8,11 @@ import pickle
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.stats import ks_2samp, wasserstein_distance
+from scipy.stats import entropy, ks_2samp, wasserstein_distance
 
 from tickcast.config import DriftConfig
 from tickcast.errors import InvalidInput
+from tickcast.monitoring.concept import DriftKind
 from tickcast.monitoring.drift import (
     DriftMonitor,
     PerformanceDrift,
@@ -33,6 +34,26 @@ def _psi_direct(ref: np.ndarray, win: np.ndarray, bins: int, eps: float) -> floa
     return float(np.sum((w - r) * np.log(w / r)))
 
 
+def _tvd_kl_direct(ref: np.ndarray, win: np.ndarray, bins: int, a: float) -> tuple[float, float]:
+    """TVD and KL(P_ref || P_live) from scratch: np.histogram on the reference's quantile edges,
+    KL by scipy.stats.entropy on histograms smoothed by ``a`` per bin."""
+    inner = np.quantile(ref, np.arange(1, bins) / bins)
+    # np.histogram's bins are half-open [e_k, e_k+1) like the monitor's, bar the last one,
+    # which is closed; outer edges beyond every value keep the two identical.
+    lo, hi = min(ref.min(), win.min()) - 1.0, max(ref.max(), win.max()) + 1.0
+    # Tied inner edges make empty bins; np.histogram needs increasing edges, so count on
+    # the distinct edges and put the empty bins back (they hold nothing in either sample).
+    edges, first = np.unique(inner, return_index=True)
+    last = np.r_[first[1:], inner.size] - 1  # the last copy of each distinct edge
+    r_u = np.histogram(ref, np.r_[lo, edges, hi])[0]
+    w_u = np.histogram(win, np.r_[lo, edges, hi])[0]
+    r, w = np.zeros(bins), np.zeros(bins)
+    r[np.r_[0, last + 1]], w[np.r_[0, last + 1]] = r_u, w_u
+    tvd = 0.5 * np.abs(w / w.sum() - r / r.sum()).sum()
+    kl = entropy(r + a, w + a)  # entropy(p, q) normalizes both and returns sum p log(p / q)
+    return float(tvd), float(kl)
+
+
 def _check_against_scipy(wd: WindowDrift, raw_ref: np.ndarray, stream: np.ndarray) -> None:
     window = stream[-wd.window:]
     assert np.array_equal(wd.values(), window)
@@ -46,6 +67,10 @@ def _check_against_scipy(wd: WindowDrift, raw_ref: np.ndarray, stream: np.ndarra
         assert math.isclose(st.wasserstein[j], w1 / wd.reference.scale[j], rel_tol=1e-9)
         psi = _psi_direct(raw_ref[:, j], window[:, j], wd.reference.psi_bins, wd.psi_epsilon)
         assert math.isclose(st.psi[j], psi, rel_tol=1e-9, abs_tol=1e-12)
+        tvd, kl = _tvd_kl_direct(raw_ref[:, j], window[:, j], wd.reference.psi_bins,
+                                 wd.kl_pseudocount)
+        assert math.isclose(st.tvd[j], tvd, rel_tol=1e-9, abs_tol=1e-12)
+        assert math.isclose(st.kl[j], kl, rel_tol=1e-9, abs_tol=1e-12)
 
 
 def test_two_sample_ks_w1_equals_scipy_including_ties() -> None:
@@ -219,31 +244,53 @@ def test_broad_feature_shift_goes_critical_with_retrain_and_evidence() -> None:
     rep = mon.report
     assert rep.level == "CRITICAL" and rep.retrain
     assert rep.drifted_features == ("f0", "f1", "f2", "f3")
-    # Default scoring: column score = KS, feature score = mean over all columns.
-    assert rep.feature_score == pytest.approx(np.mean([v["ks"] for v in rep.features.values()]))
+    # Default scoring: feature score = mean over all columns of the column scores.
+    assert rep.feature_score == pytest.approx(np.mean([v["score"] for v in rep.features.values()]))
+    assert rep.drift_kind is DriftKind.COVARIATE and rep.concept_score is None  # no labels yet
     retrain = next(e for e in events if e["type"] == "drift_retrain")
     assert retrain["score"] > 0.2 and retrain["retrain_score"] == 0.2
     assert set(list(retrain["top_features"])[:4]) == {"f0", "f1", "f2", "f3"}
+
+
+def _mapped_column_score(v: dict[str, float], cfg: DriftConfig) -> float:
+    """A column's score written out: each measure mapped, capped at 1, weighted mean."""
+    def m(x: float, lo: float, hi: float) -> float:
+        return min(1.0, float(to_score(x, lo, hi, cfg.warning_score, cfg.critical_score)))
+    parts = [(cfg.weight_ks, min(1.0, v["ks"])),
+             (cfg.weight_psi, m(v["psi"], cfg.psi_warning, cfg.psi_critical)),
+             (cfg.weight_w1, m(v["wasserstein"], cfg.w1_warning, cfg.w1_critical)),
+             (cfg.weight_tvd, m(v["tvd"], cfg.tvd_warning, cfg.tvd_critical)),
+             (cfg.weight_kl, m(v["kl"], cfg.kl_warning, cfg.kl_critical))]
+    return sum(w * x for w, x in parts) / sum(w for w, _ in parts)
 
 
 def test_scoring_weights_and_top_fraction_follow_the_config() -> None:
     rng = np.random.default_rng(12)
     ref = Reference.from_array(rng.normal(size=(2000, 4)), ["a", "b", "c", "d"])
     live = rng.normal(size=(500, 4)) + [1.0, 0.0, 0.0, 0.0]
+    only_ks = {"weight_psi": 0.0, "weight_w1": 0.0, "weight_tvd": 0.0, "weight_kl": 0.0}
+    configs = {"default": DriftConfig(), "ks": DriftConfig(**only_ks),
+               "kl": DriftConfig(**{**only_ks, "weight_ks": 0.0, "weight_kl": 1.0}),
+               "equal": DriftConfig(weight_psi=1.0, weight_w1=1.0, weight_tvd=1.0, weight_kl=1.0),
+               "top": DriftConfig(feature_top_fraction=0.25)}
     reports = {}
-    for name, kw in (("ks", {}), ("all", {"weight_psi": 1.0, "weight_w1": 1.0}),
-                     ("top", {"feature_top_fraction": 0.25})):
-        mon = DriftMonitor(DriftConfig(**kw), ref)
+    for name, cfg in configs.items():
+        mon = DriftMonitor(cfg, ref)
         mon.update_features(live)
         reports[name] = mon.report
-    st = reports["ks"].features
-    cfg = DriftConfig()
-    col = {k: (v["ks"] + float(to_score(v["psi"], cfg.psi_warning, cfg.psi_critical, 0.15, 0.3))
-               + float(to_score(v["wasserstein"], cfg.w1_warning, cfg.w1_critical, 0.15, 0.3))) / 3
-           for k, v in st.items()}
-    assert reports["all"].feature_score == pytest.approx(np.mean([min(c, 1.0) for c in col.values()]))
-    assert reports["top"].feature_score == pytest.approx(st["a"]["ks"])  # the top 1 of 4
+    st = reports["default"].features
+    # Every measure counts by default: PSI, W1, TVD and KL each carry weight.
+    default = DriftConfig()
+    assert min(default.weight_psi, default.weight_w1, default.weight_tvd, default.weight_kl) > 0
+    for name in ("default", "ks", "kl", "equal"):
+        want = np.mean([_mapped_column_score(v, configs[name]) for v in st.values()])
+        assert reports[name].feature_score == pytest.approx(want, rel=1e-12)
     assert reports["ks"].feature_score == pytest.approx(np.mean([v["ks"] for v in st.values()]))
+    top = _mapped_column_score(st["a"], configs["top"])  # the top 1 of 4
+    assert reports["top"].feature_score == pytest.approx(top)
+    # The shifted column carries the score: the other measures agree with KS on it.
+    assert st["a"]["tvd"] > 0.3 and st["a"]["kl"] > 0.3 and max(
+        st[k]["tvd"] for k in "bcd") < 0.15
 
 
 def test_detector_alarm_raises_warning_before_the_window_sees_the_shift() -> None:
@@ -296,11 +343,19 @@ def test_monitor_without_optional_parts_rejects_those_updates() -> None:
         mon.update_predictions([0.1])
     assert err.value.field == "predictions"
     with pytest.raises(InvalidInput) as err:
-        mon.update_outcomes([0.0, 0.0, 0.0], [0.0])
-    assert err.value.field == "performance"
-    with pytest.raises(InvalidInput) as err:
         mon.update_features([1.0, 2.0, 3.0])
     assert err.value.field == "features"
+    with pytest.raises(InvalidInput) as err:
+        mon.update_outcomes([[0.0, 0.0, 0.0]], [0.0, 1.0])
+    assert err.value.field == "realized"
+    with pytest.raises(InvalidInput) as err:
+        mon.update_outcomes([0.0, 0.0], [0.0])
+    assert err.value.field == "forecasts"
+    # Without validation figures, outcomes still feed label and concept drift.
+    mon.update_outcomes(np.tile([-1.0, 0.0, 1.0], (60, 1)), rng.normal(size=60))
+    assert mon.performance is None and mon.labels.n_baseline == 60
+    mon.refresh()
+    assert mon.report.performance_score is None and mon.report.events_seen["labels"] == 60
 
 
 def test_monitor_pickle_round_trip_mid_stream() -> None:

@@ -114,8 +114,10 @@ def test_explain_returns_the_top_five_contributions(api: ServingWorld, http: htt
 
 
 def test_safety_state_is_served(api: ServingWorld, http: httpx.Client) -> None:
+    from tickcast.storage.safety_store import clear_safety, publish_safety
+
     client = connect(api.redis_url)
-    client.hset("safety:ETH-USD", mapping={"regime": "CRISIS", "multiplier": "0.2", "halted": "0"})
+    publish_safety(client, "ETH-USD", {"regime": "CRISIS", "multiplier": "0.2", "halted": "0"})
     try:
         wait_until(lambda: http.post("/v1/predict", json={"asset": "ETH-USD"}).json()["regime"] == "CRISIS"
                    and http.post("/v1/predict", json={"asset": "ETH-USD"}).json()["regime"] == "CRISIS",
@@ -123,7 +125,7 @@ def test_safety_state_is_served(api: ServingWorld, http: httpx.Client) -> None:
         body = http.post("/v1/predict", json={"asset": "ETH-USD"}).json()
         assert (body["regime"], body["multiplier"]) == ("CRISIS", 0.2)
     finally:
-        client.delete("safety:ETH-USD")
+        clear_safety(client, "ETH-USD")
 
 
 def test_explicit_features_match_online(api: ServingWorld, http: httpx.Client) -> None:
@@ -370,8 +372,10 @@ def test_shadow_predictions_are_logged_not_returned(api: ServingWorld, http: htt
     assert r.status_code == 200
     body = r.json()
     assert body["slot"] == "blue" and body["model_version"] == api.v1
+    from tickcast.streams import prediction_stream_key
+
     client = connect(api.redis_url)
-    stream = api.settings.serve.prediction_stream
+    stream = prediction_stream_key(api.settings.serve.prediction_stream, "BTC-USD")  # per asset
 
     def logged() -> list[dict[bytes, bytes]]:
         entries = client.xrange(stream, "-", "+")

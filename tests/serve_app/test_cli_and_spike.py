@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -70,7 +71,9 @@ def test_serve_detach_feeds_live_features_and_down_stops_everything(tmp_path: Pa
             assert os.readlink(proc / "cwd") != redis_dir, f"process {proc.name} still runs in {redis_dir}"
         except (OSError, ValueError):
             continue
-    assert json.loads(_cli("down", "--data-dir", str(data_dir), timeout=60).stdout)["status"] == "not_running"
+    again = _cli("down", "--data-dir", str(data_dir), timeout=60)
+    assert again.returncode == 2 and again.stdout == ""
+    assert again.stderr.strip().startswith(f"error: no tickcast server runs for data dir {data_dir}")
 
 
 def _alive(pid: int) -> bool:
@@ -79,6 +82,82 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def _wait_for_step(data_dir: Path, steps: tuple[str, ...], parent: subprocess.Popen[str],
+                   timeout_s: float) -> dict:
+    """The server's state once it is at one of ``steps`` (it writes its state first thing)."""
+    path = data_dir / "serve" / "state.json"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            state = {}
+        if state.get("step") in steps:
+            return state
+        assert parent.poll() is None, parent.communicate()
+        assert time.monotonic() < deadline, f"the server never reached {steps}: {state}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["down", "sigterm_to_server", "sigint_to_serve_detach"])
+def test_a_server_stops_cleanly_while_it_starts(how: str, tmp_path: Path, trained_models,
+                                                process_mark) -> None:
+    """Stopped while it creates its market shards by `tickcast down` or by Ctrl-C on
+    `tickcast serve --detach`; by SIGTERM to the server process once Serve's HAProxy runs,
+    while the app deploys. The start goes no further, and nothing it started remains."""
+    data_dir = tmp_path / "data"
+    settings = load_settings(overrides=[f"data_dir={data_dir}"])
+    mk.register_model(ModelRegistry(registry_root(settings)), "BTC-USD", trained_models[0])
+    process_mark.watch(tmp_path)  # its embedded Redis runs in data_dir/redis
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TICKCAST_ADMIN_TOKEN", "REDIS_URL", "RAY_ADDRESS")}
+    argv = [sys.executable, "-m", "tickcast.cli", "serve", "--detach", "--data-dir", str(data_dir),
+            "--port", str(free_port()), "--set", "assets=[BTC-USD,ETH-USD]",
+            "--set", "ingest.ray_address=local", "--timeout", "900"]
+    parent = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=process_mark.env({**env, "PYTHONPATH": str(ROOT)}), cwd=ROOT)
+    try:
+        state = _wait_for_step(data_dir, ("feed", "closed_loop"), parent, timeout_s=600)
+        server = int(state["pid"])
+        if how == "sigterm_to_server":
+            _wait_for_step(data_dir, ("app",), parent, timeout_s=600)
+            deadline = time.monotonic() + 120
+            while "haproxy" not in " ".join(argv for _, argv in process_mark.processes()):
+                assert time.monotonic() < deadline, process_mark.processes()
+                time.sleep(0.2)
+        running = " ".join(argv for _, argv in process_mark.processes())
+        assert "redis-server" in running and "raylet" in running, running  # the mark sees them
+        # `down` for a data dir without a server names this one.
+        other = _cli("down", "--data-dir", str(tmp_path / "elsewhere"), timeout=60)
+        assert other.returncode == 2 and f"pid {server} for data dir {data_dir}" in other.stderr, other.stderr
+        if how == "down":
+            down = _cli("down", "--data-dir", str(data_dir), timeout=300)
+            assert down.returncode == 0, down.stderr
+            assert json.loads(down.stdout.strip().splitlines()[-1])["status"] == "stopped"
+        elif how == "sigterm_to_server":
+            os.kill(server, signal.SIGTERM)
+        else:
+            parent.send_signal(signal.SIGINT)
+        _, err = parent.communicate(timeout=300)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    last = err.strip().splitlines()[-1]
+    if how == "sigint_to_serve_detach":
+        assert parent.returncode == 130, err[-3000:]
+        assert last == "interrupted by SIGINT; stopped what the command had started"
+    else:
+        assert parent.returncode == 2, err[-3000:]
+        assert last.startswith("error: the server stopped before it was ready: interrupted by "
+                               "SIGTERM; stopped what the command had started (exit code 143"), last
+    assert not _alive(server)
+    log = (data_dir / "serve" / "serve.log").read_text()
+    assert "serving at" not in log and "[tickcast serve] stopped" in log, log[-3000:]
+    assert not (data_dir / "serve" / "state.json").exists()
+    assert process_mark.remaining() == []
 
 
 @pytest.fixture

@@ -25,6 +25,8 @@ from serve_app.slots import ModelLoader, SlotManager
 from tickcast.config import BreakerConfig
 from tickcast.errors import InvalidInput, ServiceUnavailable, UnknownAsset
 from tickcast.redis_server import connect
+from tickcast.storage.safety_store import clear_safety, publish_safety
+from tickcast.streams import prediction_stream_key
 from training.registry import ModelRegistry
 
 from .conftest import ServingWorld, make_world
@@ -52,7 +54,7 @@ def test_prediction_log_writes_every_row(redis_url: str) -> None:
         assert log.submit([_row(i), _row(i, shadow=True)])
     log.stop(flush_timeout_s=10)
     client = connect(redis_url)
-    entries = client.xrange(stream)
+    entries = client.xrange(prediction_stream_key(stream, "BTC-USD"))  # one stream per asset
     assert len(entries) == 600
     fields = entries[3][1]
     assert set(fields) == {f.encode() for f in FIELDS}
@@ -178,8 +180,10 @@ def test_slot_manager_hot_swap_keeps_serving(world: ServingWorld) -> None:
         assert before.version == world.v1 and before.price is not None and before.lo < before.hi
         control.promote("BTC-USD")
         deadline = time.monotonic() + 5
-        versions = set()
-        while time.monotonic() < deadline:  # scoring never fails while the swap happens
+        # Scoring never fails while the swap happens (under load the swap may land before the
+        # loop's first pass: the version served just before it counts as the old one).
+        versions = {before.version}
+        while time.monotonic() < deadline:
             v = view()
             a = v.asset_view("BTC-USD")
             versions.add(v.score_online(a, a.route.champion_slot, 1.0).version)
@@ -211,18 +215,19 @@ def test_feature_cache_reads_safety_and_discovers_assets(world: ServingWorld) ->
     client = connect(world.redis_url)
     from serve_app.app import PredictorReplica
 
-    cache = FeatureCache(lambda: connect(world.redis_url), refresh_s=0.05, discovery_s=0.01,
+    cache = FeatureCache(lambda: connect(world.redis_url), refresh_s=0.05,
                          bar_close=PredictorReplica._bar_close_reader(Path(world.settings.data_dir) / "bars"))
     snap = cache.refresh()
     assert {"BTC-USD", "ETH-USD", "NOMODEL-USD", "STALE-USD"} <= set(snap.features)
     entry = snap.features["BTC-USD"]
     assert entry.price is not None and entry.values.dtype == np.float64
-    client.hset("safety:BTC-USD", mapping={"regime": "ELEVATED", "multiplier": "0.5", "halted": "0"})
+    publish_safety(client, "BTC-USD", {"regime": "ELEVATED", "multiplier": "0.5", "halted": "0"})
     try:
         snap = cache.refresh()
         assert snap.safety["BTC-USD"].regime == "ELEVATED" and snap.safety["BTC-USD"].multiplier == 0.5
     finally:
-        client.delete("safety:BTC-USD")
+        clear_safety(client, "BTC-USD")
+    assert "BTC-USD" not in cache.refresh().safety
     # A Redis outage keeps the last snapshot in use and says why.
     from redis.backoff import NoBackoff
     from redis.retry import Retry
@@ -332,7 +337,7 @@ def test_redis_url_with_password(tmp_path: Path) -> None:
         log.start()
         log.submit([_row(1)])
         log.stop(flush_timeout_s=5)
-        assert connect(url).xlen("predictions") == 1
+        assert connect(url).xlen("predictions:BTC-USD") == 1
         assert redact(url) == srv.url.replace("redis://", "redis://:***@")
     finally:
         srv.stop()

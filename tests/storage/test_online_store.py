@@ -145,3 +145,105 @@ def test_pickle_reconnects(store: OnlineFeatureStore, asset: str, redis_url: str
     assert copy.read(asset).values.tolist() == [1.0, 2.0, 3.0]
     via_url = OnlineFeatureStore.from_url(redis_url)
     assert via_url.read(asset).bar_ts == T0
+
+
+# ----------------------------------------------------------------------- change feed
+def _feed(client: redis.Redis, stream: str) -> list[dict[bytes, bytes]]:
+    return [fields for _, fields in client.xrange(stream)]
+
+
+@pytest.fixture
+def feed_store(redis_url: str) -> OnlineFeatureStore:
+    """A store announcing on its own change feed (the shared one sees every test's writes)."""
+    return OnlineFeatureStore(connect(redis_url), log_maxlen=50,
+                              changes_stream=f"changes-test:{uuid.uuid4().hex[:8]}", changes_maxlen=120)
+
+
+def test_every_stored_row_is_announced_on_the_change_feed(feed_store: OnlineFeatureStore, asset: str) -> None:
+    minute = 60_000_000_000
+    assert feed_store.write(asset, T0 + minute, "s", NAMES, [1.0, 2.0, 3.0])
+    assert feed_store.write(asset, T0 + minute, "s", NAMES, [1.5, 2.0, 3.0])  # amendment: announced
+    assert feed_store.write(asset, T0, "s", NAMES, [9.0, 9.0, 9.0]) is False  # refused: silent
+    entries = _feed(feed_store.client, feed_store.changes_stream)
+    assert entries == [{b"asset": asset.encode(), b"kind": b"features", b"bar_ts": str(T0 + minute).encode()}] * 2
+
+
+def test_change_feed_is_capped(feed_store: OnlineFeatureStore, asset: str) -> None:
+    for i in range(1000):
+        feed_store.write(asset, T0 + i, "s", NAMES, [float(i), 0.0, 0.0])
+    length = feed_store.client.xlen(feed_store.changes_stream)
+    assert 120 <= length < 1000  # approximate trimming (whole macro nodes)
+    last = feed_store.client.xrevrange(feed_store.changes_stream, count=1)[0][1]
+    assert last[b"bar_ts"] == str(T0 + 999).encode()
+
+
+def test_row_log_and_announcement_are_one_write(feed_store: OnlineFeatureStore, asset: str) -> None:
+    # The feed key holds another type: Redis never rolls a script back, so the script must find
+    # it before writing anything -- no row stored unannounced, no log entry...
+    feed_store.client.set(feed_store.changes_stream, "not a stream")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        feed_store.write(asset, T0, "s", NAMES, [1.0, 2.0, 3.0])
+    assert feed_store.read(asset) is None and not feed_store.client.exists(LOG_PREFIX + asset)
+    # ...and with the feed repaired, the next write is stored and announced together.
+    feed_store.client.delete(feed_store.changes_stream)
+    assert feed_store.write(asset, T0 + 1, "s", NAMES, [1.0, 2.0, 3.0])
+    assert feed_store.read(asset).bar_ts == T0 + 1
+    assert len(_feed(feed_store.client, feed_store.changes_stream)) == 1
+
+
+def test_pickle_keeps_the_change_feed(feed_store: OnlineFeatureStore, asset: str) -> None:
+    copy = pickle.loads(pickle.dumps(feed_store))
+    assert (copy.changes_stream, copy.changes_maxlen) == (feed_store.changes_stream, 120)
+    copy.write(asset, T0, "s", NAMES, [1.0, 2.0, 3.0])
+    assert _feed(feed_store.client, feed_store.changes_stream)[0][b"asset"] == asset.encode()
+    with pytest.raises(InvalidInput):
+        OnlineFeatureStore(feed_store.client, changes_maxlen=0)
+    with pytest.raises(InvalidInput):
+        OnlineFeatureStore(feed_store.client, changes_stream="")
+
+
+# ----------------------------------------------------------------------- safety hash
+def test_publish_safety_writes_hash_and_announcement_atomically(feed_store: OnlineFeatureStore,
+                                                                asset: str) -> None:
+    from tickcast.storage.safety_store import clear_safety, publish_safety
+    from tickcast.streams import safety_key
+
+    client, stream = feed_store.client, feed_store.changes_stream
+    publish_safety(client, asset, {"regime": "CRISIS", "multiplier": np.float64(0.2), "halted": "0",
+                                   "updated": np.int64(7)}, changes_stream=stream)
+    assert client.hgetall(safety_key(asset)) == {b"regime": b"CRISIS", b"multiplier": b"0.2",
+                                                 b"halted": b"0", b"updated": b"7"}
+    assert _feed(client, stream) == [{b"asset": asset.encode(), b"kind": b"safety"}]
+    publish_safety(client, asset, {"halted": "1"}, changes_stream=stream)  # HSET: other fields stay
+    assert client.hget(safety_key(asset), "regime") == b"CRISIS"
+    clear_safety(client, asset, changes_stream=stream)
+    assert not client.exists(safety_key(asset)) and len(_feed(client, stream)) == 3
+    # When the announcement cannot be written, the hash is not either.
+    client.set(stream, "not a stream")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        publish_safety(client, asset, {"regime": "ELEVATED"}, changes_stream=stream)
+    assert client.hget(safety_key(asset), "regime") is None
+    client.delete(stream)
+
+
+@pytest.mark.parametrize(
+    "asset, mapping, field",
+    [
+        ("", {"regime": "NORMAL"}, "asset"),
+        ("A B", {"regime": "NORMAL"}, "asset"),
+        ("OK-USD", {}, "mapping"),
+        ("OK-USD", {"": "x"}, "mapping"),
+        ("OK-USD", {"halted": True}, "mapping.halted"),
+        ("OK-USD", {"multiplier": float("nan")}, "mapping.multiplier"),
+        ("OK-USD", {"regime": None}, "mapping.regime"),
+    ],
+)
+def test_bad_safety_rejected_naming_field(redis_url: str, asset: str, mapping: dict, field: str) -> None:
+    from tickcast.storage.safety_store import publish_safety
+
+    client = connect(redis_url)
+    stream = f"changes-test:{uuid.uuid4().hex[:8]}"
+    with pytest.raises(InvalidInput) as err:
+        publish_safety(client, asset, mapping, changes_stream=stream)
+    assert err.value.field == field
+    assert not client.exists(stream)  # nothing was sent

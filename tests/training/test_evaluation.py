@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from tickcast.config import ControllerConfig
 from tickcast.errors import InvalidInput
+from tickcast.monitoring.shadow_eval import compare_forecasts, decide_promotion, pinball_matrix
 from training.evaluation import (
     DMResult,
     diebold_mariano,
@@ -132,9 +134,42 @@ def test_diebold_mariano_sanity() -> None:
     assert r.stat < -5 and r.p < 1e-6 and r.p_a_better < 1e-6
     r = diebold_mariano(bad, good)
     assert r.stat > 5 and r.p_a_better > 1 - 1e-6
-    # Constant, nonzero difference: no noise at all, the better one is certainly better.
+    # Constant, nonzero difference: no noise at all, the better one is certainly better, so
+    # the one-sided p-value of "a is better" is 0 (the limit of t.cdf at -inf), and 1 the other
+    # way round.
     r = diebold_mariano(np.full(50, 1.0), np.full(50, 2.0))
-    assert r.stat == -math.inf and r.p == 0.0 and r.p_a_better == 1.0
+    assert r.stat == -math.inf and r.p == 0.0 and r.p_a_better == 0.0
+    r = diebold_mariano(np.full(50, 2.0), np.full(50, 1.0))
+    assert r.stat == math.inf and r.p == 0.0 and r.p_a_better == 1.0
+
+
+def test_diebold_mariano_same_sign_differences_agree_with_the_t_limit() -> None:
+    # Every difference negative (a always better): with noise the p-value comes from the t
+    # distribution and is tiny; without noise it must be its limit, 0, not 1.
+    rng = np.random.default_rng(5)
+    b = 1.0 + rng.random(60)
+    noisy = diebold_mariano(b - 0.5 - 0.1 * rng.random(60), b)
+    constant = diebold_mariano(b - 0.5, b)
+    assert noisy.p_a_better < 1e-10 and constant.p_a_better == 0.0
+    assert noisy.p_a_better == pytest.approx(stats.t.cdf(noisy.stat, 59), rel=1e-8)
+
+
+@pytest.mark.parametrize("noise", [0.0, 1e-5])
+def test_decide_promotion_accepts_a_challenger_that_is_always_better(noise: float) -> None:
+    # The challenger's forecast is the realized return itself, the champion's is off by 2 bp
+    # every bar: the challenger's pinball loss is lower on every bar. With noise = 0 the
+    # returns are all the same, so every loss difference is the same number (no variance).
+    n = 300
+    rng = np.random.default_rng(9)
+    y = 5e-4 + noise * rng.standard_normal(n)
+    half = 3e-4
+    challenger = np.column_stack([y - half, y, y + half])
+    champion = challenger + 2e-4
+    cmp = compare_forecasts(y, challenger, champion, fee_bp=1.0, periods_per_year=525_600)
+    assert (pinball_matrix(y, challenger) < pinball_matrix(y, champion)).all()
+    assert cmp.dm_stat < 0 and cmp.p_candidate_better < 1e-6 and cmp.p_candidate_worse > 0.99
+    decision = decide_promotion(cmp, n, ControllerConfig(min_paired=200))
+    assert decision.action == "promote", decision.reason
 
 
 def test_diebold_mariano_size_under_the_null() -> None:

@@ -62,7 +62,7 @@ def test_train_registers_a_champion_that_beats_the_random_walk(
     assert card["parent_version"] is None and card["conformal"]["n_scores"] > 0
     assert card["params"]["rounds"] >= 10 and card["metrics"]["dm_p"] < 0.01
     ref = reg.reference(ASSET, v)
-    assert list(ref.columns) == ["ts", *card["feature_names"]]
+    assert list(ref.columns) == ["ts", *card["feature_names"], "label"]
     assert ref["ts"].max() < pd.Timestamp(card["training"]["calibration_start"]).value
     # Both engines stored beside each other agree.
     pred = QuantilePredictor.from_dir(reg.path(ASSET, v), native_min_rows=2)

@@ -130,7 +130,7 @@ def test_concurrent_alias_writers_lose_no_update(reg: ModelRegistry) -> None:
             for i in range(rounds):
                 reg.set_alias(ASSET, alias, versions[i % len(versions)])
                 json.loads((reg.root / ASSET / "aliases.json").read_text())  # always whole
-        except BaseException as exc:  # surfaced below
+        except BaseException as exc:  # noqa: BLE001 - surfaced below
             errors.append(exc)
 
     threads = [threading.Thread(target=writer, args=(a, 30)) for a in ALIASES]
@@ -153,3 +153,22 @@ def test_registry_pickles_and_root_follows_settings(reg: ModelRegistry, tmp_path
     assert registry_root(s) == tmp_path / "registry"
     s_abs = load_settings(env={}, overrides=[f"model.registry_dir={tmp_path / 'abs'}"])
     assert registry_root(s_abs) == tmp_path / "abs"
+
+
+def test_share_registers_one_model_for_many_assets(reg: ModelRegistry) -> None:
+    v = reg.register("BTC-USD", b"onnx-bytes", _card(1.0), _ref(), alias="champion",
+                     extra_files={"model.ubj": b"native"})
+    before = reg.changed_ns()
+    assert reg.share("BTC-USD", v, ["BTC-USD", "ETH-USD", "SOL-USD"]) == 2
+    for asset in ("ETH-USD", "SOL-USD"):
+        assert reg.aliases(asset) == {"champion": v}
+        card = reg.card(asset, v)
+        assert card["asset"] == asset and card["shared_from"] == f"BTC-USD/{v}"
+        assert reg.model_bytes(asset, v) == b"onnx-bytes"
+        # Hard links: one copy of the model on disk, whatever the number of assets.
+        assert (reg.path(asset, v) / "model.onnx").stat().st_ino == \
+            (reg.path("BTC-USD", v) / "model.onnx").stat().st_ino
+    assert reg.changed_ns() >= before > 0  # watchers see the alias moves
+    assert reg.share("BTC-USD", v, ["ETH-USD"]) == 0  # already there: left as it is
+    with pytest.raises(NotFound):
+        reg.share("BTC-USD", "nope", ["ETH-USD"])

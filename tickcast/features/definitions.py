@@ -18,6 +18,17 @@ bar is present, is not imputed (``imputed == ""``) and has a finite positive clo
 
 The time before the first bar counts as a gap: features warm up from the first bar on.
 
+Trading sessions
+----------------
+A market closure is a run of grid slots with no bar, so it cuts every window exactly as a gap
+does: a return across a close (Friday's last bar to Sunday's first) is NaN, not a one-bar
+return; a label never spans a closure; the first bar after an open warms up like the first bar
+after a gap (``minutes_since_gap`` restarts at 1). Given the asset's
+:class:`~tickcast.market.calendar.TradingCalendar`, a bar whose slot lies outside every session
+(a stray print during a closure, or history stored before the calendar was configured) is
+invalid, like an imputed bar, so it cannot bridge a closure either. The online path takes the
+same calendar and treats such a bar the same way.
+
 Features (``feature_names(cfg)``, in this order)
 ------------------------------------------------
 ``ret_<k>``
@@ -58,7 +69,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -68,6 +79,9 @@ from scipy.signal import lfilter
 from tickcast.config import FeatureConfig, Settings
 from tickcast.errors import InvalidInput
 from tickcast.ticks import NS_PER_MIN
+
+if TYPE_CHECKING:  # the calendar module imports config only; kept out of import time here
+    from tickcast.market.calendar import TradingCalendar
 
 # Bump when the meaning of a feature changes without its name or config changing.
 FEATURE_VERSION = 1
@@ -248,8 +262,19 @@ def imputed_mask(values: Any) -> np.ndarray:
     return np.fromiter((is_imputed(v) for v in values), dtype=bool, count=len(values))
 
 
-def _prepare(bars: pd.DataFrame, freq_ns: int) -> dict[str, np.ndarray]:
-    """Validate a bar frame and return sorted numpy columns (optional columns NaN-filled)."""
+def off_session(ts: np.ndarray, freq_ns: int, calendar: "TradingCalendar | None") -> np.ndarray:
+    """Bars whose slot lies outside every session of ``calendar`` (none without one)."""
+    if calendar is None or calendar.always_open:
+        return np.zeros(len(ts), dtype=bool)
+    return ~calendar.expected_bars(np.asarray(ts, dtype=np.int64), int(freq_ns))
+
+
+def _prepare(bars: pd.DataFrame, freq_ns: int,
+             calendar: "TradingCalendar | None" = None) -> dict[str, np.ndarray]:
+    """Validate a bar frame and return sorted numpy columns (optional columns NaN-filled).
+
+    ``imputed`` is True for every bar that is not a real in-session bar (imputed, or outside
+    the calendar's sessions)."""
     if not isinstance(bars, pd.DataFrame):
         raise InvalidInput(f"bars must be a pandas DataFrame, got {type(bars).__name__}", field="bars")
     if not isinstance(freq_ns, (int, np.integer)) or freq_ns <= 0:
@@ -281,6 +306,7 @@ def _prepare(bars: pd.DataFrame, freq_ns: int) -> dict[str, np.ndarray]:
             raise InvalidInput(f"bars.{col} must be numeric", field=col) from None
     out["imputed"] = (imputed_mask(bars["imputed"].to_numpy())[order] if "imputed" in bars.columns
                       else np.zeros(len(ts), dtype=bool))
+    out["imputed"] |= off_session(ts, freq_ns, calendar)
     return out
 
 
@@ -308,7 +334,8 @@ def _windows(x: np.ndarray, n: int) -> tuple[np.ndarray, slice]:
 
 
 def compute_features(bars: pd.DataFrame, cfg: FeatureConfig | Settings | None = None,
-                     freq_ns: int = NS_PER_MIN) -> pd.DataFrame:
+                     freq_ns: int = NS_PER_MIN,
+                     calendar: "TradingCalendar | None" = None) -> pd.DataFrame:
     """Features of every bar, vectorized over the whole history.
 
     Parameters
@@ -320,6 +347,9 @@ def compute_features(bars: pd.DataFrame, cfg: FeatureConfig | Settings | None = 
         Feature config (or whole Settings).
     freq_ns
         Bar spacing (``bars.freq_s`` in ns).
+    calendar
+        The asset's trading calendar: bars outside its sessions count as invalid (see the
+        module notes). None: every slot is in session.
 
     Returns
     -------
@@ -333,7 +363,7 @@ def compute_features(bars: pd.DataFrame, cfg: FeatureConfig | Settings | None = 
     """
     c = resolve_config(cfg)
     names = feature_names(c)
-    col = _prepare(bars, freq_ns)
+    col = _prepare(bars, freq_ns, calendar)
     ts = col["ts"]
     n_bars = ts.shape[0]
     if n_bars == 0:
@@ -429,11 +459,13 @@ def compute_features(bars: pd.DataFrame, cfg: FeatureConfig | Settings | None = 
     return pd.DataFrame(block, columns=list(names), index=pd.Index(ts, name="ts"), copy=False)
 
 
-def make_labels(bars: pd.DataFrame, horizon: int, freq_ns: int = NS_PER_MIN) -> pd.Series:
+def make_labels(bars: pd.DataFrame, horizon: int, freq_ns: int = NS_PER_MIN,
+                calendar: "TradingCalendar | None" = None) -> pd.Series:
     """Log return of the next ``horizon`` bars: log(close_{t+h} / close_t).
 
-    NaN when bar t or any bar in ``(t, t + h]`` is missing, imputed or has a bad close, and
-    for the last ``horizon`` bars (not realized yet).
+    NaN when bar t or any bar in ``(t, t + h]`` is missing, imputed, outside the calendar's
+    sessions or has a bad close, and for the last ``horizon`` bars (not realized yet). So a
+    label never spans a market closure: the slots of a closure hold no bar.
 
     Parameters
     ----------
@@ -443,6 +475,8 @@ def make_labels(bars: pd.DataFrame, horizon: int, freq_ns: int = NS_PER_MIN) -> 
         Bars ahead (>= 1).
     freq_ns
         Bar spacing in ns.
+    calendar
+        The asset's trading calendar (None: every slot is in session).
 
     Returns
     -------
@@ -460,7 +494,7 @@ def make_labels(bars: pd.DataFrame, horizon: int, freq_ns: int = NS_PER_MIN) -> 
     if not isinstance(horizon, (int, np.integer)) or isinstance(horizon, bool) or horizon < 1:
         raise InvalidInput(f"horizon must be an integer >= 1, got {horizon!r}", field="horizon")
     h = int(horizon)
-    col = _prepare(bars, freq_ns)
+    col = _prepare(bars, freq_ns, calendar)
     ts = col["ts"]
     if ts.shape[0] == 0:
         return pd.Series(np.empty(0), index=pd.Index(ts, name="ts"), name="label")

@@ -15,6 +15,10 @@ rows of feeding them one by one, bit for bit. Only the newest row is wanted then
 new bars advances the buffers in one step and the recursions (RSI and MACD averages) in a
 plain loop of float operations; the last ``amend_depth`` bars of the run go through the
 per-bar path, which keeps the amendment snapshots and computes the row.
+
+Trading sessions: given the asset's calendar, a bar outside every session is invalid exactly
+as in :func:`~tickcast.features.definitions.compute_features` (like an imputed bar), and a
+closure is a run of missing slots, so nothing spans it and the features warm up after the open.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -43,11 +48,15 @@ from tickcast.features.definitions import (
     k_rsi,
     k_zscore_last,
     lookback,
+    off_session,
     resolve_config,
     schema_hash,
     wilder_alpha,
 )
 from tickcast.ticks import NS_PER_MIN
+
+if TYPE_CHECKING:
+    from tickcast.market.calendar import TradingCalendar
 
 _NAN = float("nan")
 
@@ -279,6 +288,9 @@ class OnlineFeatures:
         Feature config (or whole Settings); must be the one the model was trained with.
     freq_ns
         Bar spacing in ns (``bars.freq_s``).
+    calendar
+        The asset's trading calendar: a bar outside its sessions is invalid, as offline.
+        None: every slot is in session.
 
     Raises
     ------
@@ -295,11 +307,16 @@ class OnlineFeatures:
     (1.0, True)
     """
 
-    def __init__(self, cfg: FeatureConfig | Settings | None = None, freq_ns: int = NS_PER_MIN) -> None:
+    # Default for instances pickled before calendars existed.
+    _calendar: "TradingCalendar | None" = None
+
+    def __init__(self, cfg: FeatureConfig | Settings | None = None, freq_ns: int = NS_PER_MIN,
+                 calendar: "TradingCalendar | None" = None) -> None:
         if not isinstance(freq_ns, (int, np.integer)) or freq_ns <= 0:
             raise ValueError(f"freq_ns must be a positive integer, got {freq_ns!r}")
         self._cfg = resolve_config(cfg)
         self._freq = int(freq_ns)
+        self._calendar = calendar
         self._names = feature_names(self._cfg)
         self._schema = schema_hash(self._cfg)
         self._window = lookback(self._cfg)
@@ -354,6 +371,8 @@ class OnlineFeatures:
             earlier bar, that is the newest bar's row recomputed from the amended history.
         """
         b = _parse_bar(bar, self._freq)
+        if not b.imputed and off_session(np.array([b.ts]), self._freq, self._calendar)[0]:
+            b = replace(b, imputed=True)
         st = self._state
         if st.last_ts is None or b.ts > st.last_ts:
             self._history.append((b, st.copy()))
@@ -405,6 +424,10 @@ class OnlineFeatures:
             raise InvalidInput(f"bars must be a pandas DataFrame, got {type(bars).__name__}",
                                field="bars")
         cols = _bar_columns(bars, self._freq)
+        if self._calendar is not None and len(cols.ts):
+            parsed = np.ones(len(cols.ts), dtype=bool)
+            parsed[list(cols.errors)] = False  # rows that hold no bar have no ts to look up
+            cols.imputed[parsed] |= off_session(cols.ts[parsed], self._freq, self._calendar)
         n = len(cols.ts)
         # Which rows advance (newer than every bar applied before them): the rest amend.
         bad = np.zeros(n, dtype=bool)

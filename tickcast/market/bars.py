@@ -13,7 +13,10 @@ event time seen minus ``allowed_lateness_s``:
 A consensus bar aggregates, Pyth-style (:func:`~tickcast.market.consensus.aggregate_votes`),
 the bars of the providers for its minute: open, high, low and close are each the median of the
 votes ``x - c, x, x + c`` (``c`` the provider's mean half spread in the minute, 0 without
-quotes), so high >= max(open, close) holds because the median is monotone. A provider that did
+quotes), so high >= max(open, close) holds because the median is monotone. With
+``consensus.weighting: reliability`` (the default) each provider's votes are weighted by its
+reliability as of its last tick up to that minute; equal reliabilities give the plain median
+bit for bit. A provider that did
 not trade in the minute but is fresh (last accepted tick within ``stale_after_s`` of the
 minute's end, no ``FROZEN`` tick since, reliability >= ``min_reliability``) votes with a flat
 bar at its last close. A consensus bar exists for a minute only if some provider whose
@@ -494,12 +497,16 @@ class BarBuilder:
         vr, fl = voting_real[sel], flat[sel]
         vote = vr | fl
         c = np.where(vr, conf[sel], conf_ff[sel])
+        weights = None
+        if cfg.weighting == "reliability":
+            w = np.where(vote, rel_ff[sel], 0.0)
+            weights = np.concatenate([w, w, w], axis=1)
         agg: dict[str, np.ndarray] = {}
         conf_close = np.empty(0)
         for field in ("open", "high", "low", "close"):
             val = np.where(vr, grid(r[field], np.nan)[sel], close_ff[sel])
             val = np.where(vote, val, np.nan)
-            agg[field], cf = aggregate_votes(np.concatenate([val - c, val, val + c], axis=1))
+            agg[field], cf = aggregate_votes(np.concatenate([val - c, val, val + c], axis=1), weights)
             if field == "close":
                 conf_close = cf
         vol = np.where(vr, grid(r["volume"], 0.0)[sel], 0.0).sum(axis=1)

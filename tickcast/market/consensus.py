@@ -10,6 +10,15 @@ Screening (:class:`ConsensusBook`) is causal and vectorized over a batch in even
   disagree with each of them, so that one provider cannot outvote another and a provider alone
   is checked against its own past; a tick with no fresh level to compare with (the first
   tick of a lone provider, or after a long silence of every provider) is accepted;
+* a provider's own level may confirm its own move (a lone provider re-anchors after a few
+  consistent ticks) only when the move is plausible: the level lies within
+  ``max(reanchor_max_bp, reanchor_vol_k x sigma_1m)`` of the price of the provider's last
+  accepted tick (its *anchor*), ``sigma_1m`` being its recent volatility scaled to a minute
+  (EWMA over accepted ticks of ``r^2 / dt``). A larger move is judged against the anchor until
+  it has persisted ``reanchor_persist_s`` or another provider's level confirms it. So a lone
+  venue's 2 % crash minute is followed (inside the band, or plausible), while a whole minute
+  printed at x10 stays an outlier and the real prices after it are accepted. With
+  ``majority_min`` or more fresh levels their median decides as before;
 * the band is ``band_bp`` plus ``dispersion_k`` times an EWMA of the recent cross-provider
   dispersion (median absolute deviation of the providers' levels, clipped at ``band_bp``, so
   that neither single prints nor one deviant provider widen it), in basis points. A 2 % move
@@ -37,6 +46,8 @@ aggregate is the median of the votes and its confidence ``max(R - q25, q75 - R)`
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.signal import lfilter
@@ -53,8 +64,8 @@ _BP = 1e4
 _NEUTRAL = (TickStatus.DUPLICATE, TickStatus.LATE, TickStatus.UNKNOWN_ASSET)
 
 
-def aggregate_votes(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Median and Pyth confidence of each row of ``votes`` (NaN = no vote).
+def aggregate_votes(votes: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Median and Pyth confidence of each row of ``votes`` (NaN = no vote), optionally weighted.
 
     As in Pyth's price model, with ``k`` votes sorted ``s``: the aggregate is the median (the
     mean of the two middle votes when ``k`` is even), ``q25 = s[k // 4]``,
@@ -62,17 +73,62 @@ def aggregate_votes(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     with confidence ``c`` gives back its price and ``c``. Order statistics are monotone in every
     vote. Rows without any vote give NaN.
 
+    With ``weights`` (same shape; a weight <= 0 or NaN removes the vote), a vote ``s_i`` owns
+    the slice ``(C_{i-1}, C_i]`` of the total weight ``W`` (``C`` cumulative in sorted order).
+    The median is the mean of the votes over the central band of width ``W / k`` (one vote's
+    share at equal weights), each vote counted by how much of its slice lies in the band:
+    the weighted quantile function averaged over ``[1/2 - 1/(2k), 1/2 + 1/(2k)]``. ``q25`` is
+    the first vote with ``C_i > W / 4`` and ``q75`` the last with ``C_i - w_i < 3 W / 4``.
+    With equal weights these are exactly the unweighted statistics (such rows take the
+    unweighted path, bit for bit). The weighted median is non-decreasing and continuous in every
+    vote (an average of weighted quantiles, each monotone), so high >= open, close >= low still
+    holds for bars, and continuous in the weights: a slightly less reliable provider moves it
+    slightly, it never snaps to another vote.
+
     Parameters
     ----------
     votes
         ``(rows, votes)`` array.
+    weights
+        Optional ``(rows, votes)`` array of non-negative weights.
 
     Returns
     -------
     (numpy.ndarray, numpy.ndarray)
         Aggregate and confidence per row.
+
+    Examples
+    --------
+    >>> med, conf = aggregate_votes(np.array([[100.0, 101.0, 102.0, 103.0]]),
+    ...                             np.array([[1.0, 1.0, 1.0, 1.0]]))
+    >>> float(med[0]), float(conf[0])
+    (101.5, 0.5)
+    >>> med, conf = aggregate_votes(np.array([[100.0, 101.0, 102.0, 103.0]]),
+    ...                             np.array([[1.0, 1.0, 1.0, 0.5]]))
+    >>> round(float(med[0]), 4), round(float(conf[0]), 4)
+    (101.2143, 1.2143)
     """
-    v = np.sort(np.asarray(votes, dtype=np.float64), axis=1)  # NaN sorts last
+    v = np.asarray(votes, dtype=np.float64)
+    if weights is None:
+        return _aggregate_equal(v)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != v.shape:
+        raise ValueError(f"weights have shape {w.shape}, votes {v.shape}")
+    valid = ~np.isnan(v) & (w > 0)  # NaN weights compare False: removed
+    v = np.where(valid, v, np.nan)
+    med, conf = _aggregate_equal(v)
+    wv = np.where(valid, w, 0.0)
+    top = wv.max(axis=1) if wv.shape[1] else np.zeros(len(wv))
+    unequal = (valid & (wv != top[:, None])).any(axis=1)
+    rows = np.flatnonzero(unequal)
+    if len(rows):
+        med[rows], conf[rows] = _aggregate_weighted(v[rows], wv[rows] / top[rows, None])
+    return med, conf
+
+
+def _aggregate_equal(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unweighted :func:`aggregate_votes`."""
+    v = np.sort(v, axis=1)  # NaN sorts last
     m, width = v.shape
     k = width - np.isnan(v).sum(axis=1)
     rows = np.arange(m)
@@ -88,7 +144,32 @@ def aggregate_votes(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return med, conf
 
 
-def pyth_aggregate(prices: np.ndarray | list[float], confs: np.ndarray | list[float]) -> tuple:
+def _aggregate_weighted(v: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted median and confidence of rows with at least one vote (``w`` 0 where none)."""
+    order = np.argsort(v, axis=1, kind="stable")  # NaN (no vote, weight 0) last
+    s = np.take_along_axis(v, order, axis=1)
+    ws = np.take_along_axis(w, order, axis=1)
+    valid = ws > 0
+    c = np.cumsum(ws, axis=1)
+    total = c[:, -1:]
+    k = valid.sum(axis=1, keepdims=True)
+    half_band = total / (2.0 * k)
+    lo, hi = 0.5 * total - half_band, 0.5 * total + half_band
+    overlap = np.clip(np.minimum(c, hi) - np.maximum(c - ws, lo), 0.0, None)
+    overlap[~valid] = 0.0
+    rows = np.arange(len(v))
+    # Offsets from the first vote in the band, so that a band inside one value (or several
+    # equal votes) gives that value exactly.
+    first = s[rows, np.argmax(overlap > 0, axis=1)]
+    dev = np.where(valid, s - first[:, None], 0.0)
+    med = first + (dev * overlap).sum(axis=1) / overlap.sum(axis=1)
+    q25 = s[rows, (valid & (c <= 0.25 * total)).sum(axis=1)]
+    q75 = s[rows, (valid & (c - ws < 0.75 * total)).sum(axis=1) - 1]
+    return med, np.maximum(med - q25, q75 - med)
+
+
+def pyth_aggregate(prices: np.ndarray | list[float], confs: np.ndarray | list[float],
+                   weights: np.ndarray | list[float] | None = None) -> tuple:
     """Pyth-style aggregate of provider prices with confidences.
 
     Parameters
@@ -98,6 +179,9 @@ def pyth_aggregate(prices: np.ndarray | list[float], confs: np.ndarray | list[fl
         NaN = provider does not vote.
     confs
         Confidence per price (e.g. half the bid/ask spread); NaN is read as 0.
+    weights
+        Optional weight per price (e.g. the provider's reliability): each of its three votes
+        carries it (see :func:`aggregate_votes`). ``None``: equal weights.
 
     Returns
     -------
@@ -115,7 +199,11 @@ def pyth_aggregate(prices: np.ndarray | list[float], confs: np.ndarray | list[fl
     c = np.nan_to_num(np.broadcast_to(np.asarray(confs, dtype=np.float64), p.shape), nan=0.0)
     one = p.ndim == 1
     p2, c2 = np.atleast_2d(p), np.atleast_2d(c)
-    agg, conf = aggregate_votes(np.concatenate([p2 - c2, p2, p2 + c2], axis=1))
+    w3 = None
+    if weights is not None:
+        w2 = np.atleast_2d(np.broadcast_to(np.asarray(weights, dtype=np.float64), p.shape))
+        w3 = np.concatenate([w2, w2, w2], axis=1)
+    agg, conf = aggregate_votes(np.concatenate([p2 - c2, p2, p2 + c2], axis=1), w3)
     if one:
         return float(agg[0]), float(conf[0])
     return agg, conf
@@ -204,6 +292,12 @@ class ConsensusBook:
         self._last_change = np.empty(0, dtype=np.int64)  # last time the price moved (first tick: no)
         self._diverged = np.empty(0, dtype=bool)  # the market has left the current run's price
         self._rel = np.empty(0)
+        # Re-anchor plausibility (see _reanchor): price and time of the last accepted tick,
+        # volatility (variance per second, EWMA), start of an implausible stretch (NEVER: none).
+        self._anchor = np.empty(0)
+        self._anchor_ts = np.empty(0, dtype=np.int64)
+        self._var = np.empty(0)
+        self._away = np.empty(0, dtype=np.int64)
         self._outlier_total = np.empty(0, dtype=np.int64)
         self._frozen_total = np.empty(0, dtype=np.int64)
         self._disp = 0.0  # EWMA of cross-provider dispersion, bp
@@ -211,13 +305,21 @@ class ConsensusBook:
 
     def __setstate__(self, state: dict[str, object]) -> None:
         """Restore a pickled book; one pickled before runs kept bid/ask and divergence (it
-        had ``_last_price``) gets its last prices as bare quotes and no divergence yet."""
+        had ``_last_price``) gets its last prices as bare quotes and no divergence yet, and one
+        pickled before the re-anchor rule starts without anchors (its next accepted tick
+        sets them)."""
         if "_last_quote" not in state:
             last = np.asarray(state.pop("_last_price"), dtype=np.float64)
             quote = np.full((len(last), 3), np.nan)
             quote[:, 0] = last
             state["_last_quote"] = quote
             state["_diverged"] = np.zeros(len(last), dtype=bool)
+        if "_anchor" not in state:  # pickled before the re-anchor plausibility rule
+            k = len(np.asarray(state["_rel"]))
+            state["_anchor"] = np.full(k, np.nan)
+            state["_anchor_ts"] = np.full(k, NEVER, dtype=np.int64)
+            state["_var"] = np.zeros(k)
+            state["_away"] = np.full(k, NEVER, dtype=np.int64)
         self.__dict__.update(state)
 
     # ------------------------------------------------------------------ registry
@@ -237,6 +339,10 @@ class ConsensusBook:
             self._last_change = np.concatenate([self._last_change, np.full(k, NEVER, dtype=np.int64)])
             self._diverged = np.concatenate([self._diverged, np.zeros(k, dtype=bool)])
             self._rel = np.concatenate([self._rel, np.ones(k)])
+            self._anchor = np.concatenate([self._anchor, np.full(k, np.nan)])
+            self._anchor_ts = np.concatenate([self._anchor_ts, np.full(k, NEVER, dtype=np.int64)])
+            self._var = np.concatenate([self._var, np.zeros(k)])
+            self._away = np.concatenate([self._away, np.full(k, NEVER, dtype=np.int64)])
             self._outlier_total = np.concatenate([self._outlier_total, np.zeros(k, dtype=np.int64)])
             self._frozen_total = np.concatenate([self._frozen_total, np.zeros(k, dtype=np.int64)])
         return np.array([self._index[p] for p in providers], dtype=np.int64)
@@ -384,6 +490,8 @@ class ConsensusBook:
             self._disp = float(y[-1])
         band = cfg.band_bp + cfg.dispersion_k * disp_before
         outlier = (k >= 1) & (dev > band)
+        if n_prov:
+            outlier = self._reanchor(pid, ts, px, lv, use, own, dev_each, k, band, outlier, masks)
 
         frozen = self._frozen(pid, ts, px, bid, ask, in_order & ~outlier, masks, own, fresh,
                               lvm, disp_before)
@@ -395,6 +503,110 @@ class ConsensusBook:
         out[outlier] = TickStatus.OUTLIER
         out[frozen] = TickStatus.FROZEN
         return out
+
+    def _reanchor(self, pid: np.ndarray, ts: np.ndarray, px: np.ndarray, lv: np.ndarray,
+                  use: np.ndarray, own: np.ndarray, dev_each: np.ndarray, k: np.ndarray,
+                  band: np.ndarray, outlier: np.ndarray, masks: dict[int, np.ndarray]) -> np.ndarray:
+        """Outlier mask after the plausibility rule of self-confirmation; updates the anchors.
+
+        Where fewer than ``majority_min`` fresh levels judge a tick (the *lone* regime), its
+        own level (median of its last prices, flagged ones included) is a reference only when
+        it is *plausible*: within ``max(reanchor_max_bp, reanchor_vol_k x sigma_1m)`` bp of the
+        provider's anchor (price of its last accepted tick), or when it has stayed implausible
+        for ``reanchor_persist_s`` (persistence: a venue that really re-priced keeps its new
+        level). Otherwise the anchor stands in for the level. Other providers' levels keep
+        confirming a move as before. ``sigma_1m`` is ``sqrt(60 s x v)``, ``v`` an EWMA over
+        the provider's accepted lone-regime ticks of ``r^2 / max(dt, reanchor_vol_min_dt_s)``
+        (``r`` the log change from its anchor); where a majority judges, neither the rule nor
+        ``v`` is needed.
+
+        Fast path: anchors and volatility are computed vectorized from the statuses of the
+        band test; when no level of a lone-regime tick is implausible under them (and no
+        implausible stretch is running), the rule changes nothing and those statuses stand.
+        Otherwise the provider's ticks from the first implausible one are judged one by one.
+        """
+        cfg = self.outliers
+        alpha = 1.0 - 0.5 ** (1.0 / cfg.reanchor_vol_halflife_ticks)
+        min_dt = cfg.reanchor_vol_min_dt_s * NS_PER_S
+        persist = round(cfg.reanchor_persist_s * NS_PER_S)
+        lone = k < cfg.majority_min
+        judged = k >= 1
+        any_lone = bool(lone.any())
+        if any_lone:
+            rows = np.arange(len(pid))
+            own_lv, own_use = lv[rows, pid], use[rows, pid]
+            dev_others = np.where(own, np.inf, dev_each).min(axis=1)
+        for p, is_p in masks.items():
+            idx = np.flatnonzero(is_p)
+            acc = ~outlier[idx]
+            if not any_lone or not lone[idx].any():
+                # A majority judged every tick: only the anchor moves (no stretch runs on).
+                if acc.any():
+                    last = int(idx[np.flatnonzero(acc)[-1]])
+                    self._anchor[p], self._anchor_ts[p] = px[last], ts[last]
+                self._away[p] = NEVER
+                continue
+            x, t, lvl = px[idx], ts[idx], own_lv[idx]
+            prev = _prev_index(acc)
+            has = prev >= 0
+            pi = np.maximum(prev, 0)
+            anc = np.where(has, x[pi], self._anchor[p])
+            anc_ts = np.where(has, t[pi], self._anchor_ts[p])
+            samp = acc & np.isfinite(anc) & lone[idx]
+            var_before = np.full(len(idx), self._var[p])
+            var_end = float(self._var[p])
+            if samp.any():
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    r = np.log(x[samp] / anc[samp])
+                dt = np.maximum((t[samp] - anc_ts[samp]).astype(np.float64), min_dt) / NS_PER_S
+                y = lfilter([alpha], [1.0, alpha - 1.0], r * r / dt, zi=[(1.0 - alpha) * var_end])[0]
+                after = np.empty(len(idx))
+                after[samp] = y
+                ps = _prev_index(samp)
+                var_before = np.where(ps >= 0, after[np.maximum(ps, 0)], var_end)
+                var_end = float(y[-1])
+            cap = np.maximum(cfg.reanchor_max_bp, cfg.reanchor_vol_k * np.sqrt(60.0 * var_before) * _BP)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                far = np.abs(np.log(lvl / anc)) * _BP > cap  # NaN (no anchor, no level): False
+            far &= lone[idx]
+            if self._away[p] == NEVER and not far.any():
+                if acc.any():
+                    last = int(np.flatnonzero(acc)[-1])
+                    self._anchor[p], self._anchor_ts[p] = x[last], t[last]
+                self._var[p] = var_end
+                continue
+            j0 = 0 if self._away[p] != NEVER else int(np.argmax(far))
+            anchor = float(anc[j0]) if j0 else float(self._anchor[p])
+            anchor_ts = int(anc_ts[j0]) if j0 else int(self._anchor_ts[p])
+            var = float(var_before[j0]) if j0 else float(self._var[p])
+            away = int(self._away[p]) if j0 == 0 else int(NEVER)
+            for j in range(j0, len(idx)):
+                i = int(idx[j])
+                xi, ti, li = float(x[j]), int(t[j]), float(lvl[j])
+                if lone[i]:
+                    cap_j = max(cfg.reanchor_max_bp, cfg.reanchor_vol_k * math.sqrt(60.0 * var) * _BP)
+                    far_j = (math.isfinite(anchor) and math.isfinite(li)
+                             and abs(math.log(li / anchor)) * _BP > cap_j)
+                    if not far_j:
+                        away = int(NEVER)
+                    elif away == NEVER:
+                        away = ti
+                    if own_use[i]:
+                        own_ok = not far_j or ti - away >= persist
+                        ref = li if own_ok else anchor
+                        d_own = abs(xi - ref) / ref * _BP
+                    else:
+                        d_own = math.inf
+                    outlier[i] = bool(judged[i]) and min(d_own, float(dev_others[i])) > band[i]
+                else:
+                    away = int(NEVER)  # others judge by their median: no stretch of its own
+                if not outlier[i]:
+                    if math.isfinite(anchor) and lone[i]:
+                        dt = max(float(ti - anchor_ts), min_dt) / NS_PER_S
+                        var += alpha * (math.log(xi / anchor) ** 2 / dt - var)
+                    anchor, anchor_ts = xi, ti
+            self._anchor[p], self._anchor_ts[p], self._var[p], self._away[p] = anchor, anchor_ts, var, away
+        return outlier
 
     def _frozen(self, pid: np.ndarray, ts: np.ndarray, px: np.ndarray, bid: np.ndarray,
                 ask: np.ndarray, elig: np.ndarray, masks: dict[int, np.ndarray],

@@ -6,15 +6,26 @@ duration (missing bars x bar length):
 
 1. ``<= ffill_max_minutes`` and a bar before the gap: **ffill** -- flat bars at the previous
    close (open = high = low = close = vwap), volume 0.
-2. ``<= interp_max_minutes`` and bars on both sides: **interpolate** -- the close moves on a
+2. from ``mice_min_minutes`` to ``mice_max_minutes``, where other providers' series
+   (``alternates``) quote in the gap and share enough minutes with the series around it:
+   **mice** -- multiple imputation by chained equations (:func:`~tickcast.market.mice.mice_impute`,
+   scikit-learn's ``IterativeImputer``): the other providers' closes over the gap and
+   ``mice_context_minutes`` on each side are the predictors of the series' close; each filled
+   bar is flat at the mean of ``mice_imputations`` imputations, volume 0. Minutes where no
+   other provider quotes are left to the next rules, as a hole of their own.
+3. ``<= interp_max_minutes`` and bars on both sides: **interpolate** -- the close moves on a
    straight line from the bar before to the bar after; each filled bar is flat at its point on
    the line, volume 0.
-3. longer (or at a series edge): **provider recovery**, if enabled -- the bars another provider
+4. longer (or at a series edge): **provider recovery**, if enabled -- the bars another provider
    stored for those minutes (``alternates``: provider name -> its bar frame), scaled by the
    basis (ratio of closes) between the series and that provider. The basis is measured at the
    nearest minutes before and after the gap where both have a real bar, and moves log-linearly
    across the gap (constant when only one side exists). Method ``"provider:<name>"``.
-4. otherwise **excluded**: the minutes stay missing and the audit says so.
+5. otherwise **excluded**: the minutes stay missing and the audit says so.
+
+MICE needs context: the series and the alternates must be given over the gap and some time
+around it (``mice_context_minutes`` on each side, :attr:`GapPolicy.context_ns`); with less than
+``mice_min_rows`` minutes of shared evidence it does not run and the other rules apply.
 
 A gap only partly covered by a provider: the provider covering the most missing minutes (ties:
 the order of ``alternates``) fills the minutes it has; each hole that remains is then treated as
@@ -23,8 +34,10 @@ interpolated, a long one goes to the next provider, else it is excluded. The aud
 per contiguous segment filled by one method, so such a gap yields several rows.
 
 Filled bars carry ``imputed`` = their method, ``ticks`` = 0 and ``providers`` = 0 (for ffill and
-interpolation) or the provider's tick count and 1 (for recovery), and as ``confidence`` the
-larger confidence of the two bars bounding the hole (the one that exists at a series edge).
+interpolation), the number of other providers quoting that minute (for MICE) or the provider's
+tick count and 1 (for recovery), and as ``confidence`` the larger confidence of the two bars
+bounding the hole (the one that exists at a series edge); for MICE, the standard deviation of
+its imputations in bp when that is larger.
 Pure numpy/pandas: no I/O.
 """
 
@@ -38,6 +51,7 @@ import pandas as pd
 
 from tickcast.config import GapConfig
 from tickcast.errors import InvalidInput
+from tickcast.market.mice import MiceResult, mice_impute
 from tickcast.storage.bar_store import BAR_COLUMNS, bar_columns
 from tickcast.ticks import NS_PER_MIN
 
@@ -49,7 +63,8 @@ _REAL = 0
 _FFILL = 1
 _INTERP = 2
 _MISSING = -1
-_PROVIDER0 = 3  # method code of alternates[k] is _PROVIDER0 + k
+_MICE = 3
+_PROVIDER0 = 4  # method code of alternates[k] is _PROVIDER0 + k
 
 
 @dataclass(frozen=True)
@@ -172,7 +187,8 @@ class GapPolicy:
     Parameters
     ----------
     cfg
-        ``ffill_max_minutes``, ``interp_max_minutes``, ``provider_recovery``.
+        ``ffill_max_minutes``, ``interp_max_minutes``, ``provider_recovery`` and the ``mice_*``
+        settings.
 
     Examples
     --------
@@ -195,6 +211,12 @@ class GapPolicy:
         if not isinstance(cfg, GapConfig):
             raise InvalidInput(f"cfg must be a GapConfig, got {type(cfg).__name__}", field="gaps")
         self.cfg = cfg
+
+    @property
+    def context_ns(self) -> int:
+        """Time on each side of a gap that MICE fits on (0 when MICE is off): a caller that
+        wants MICE passes the series and the alternates over at least that much around it."""
+        return self.cfg.mice_context_minutes * NS_PER_MIN if self.cfg.mice_max_minutes else 0
 
     def fill(
         self,
@@ -274,18 +296,24 @@ class GapPolicy:
 
         grid = _Grid(n, anchor, freq)
         grid.place(pos, cols)
-        self._fill_short(grid)
+        alts = self._alternates(grid, checked_alternates) if checked_alternates else []
+        mice = bool(self.cfg.mice_max_minutes) and bool(alts)
+        self._fill_short(grid, mice)
         long_starts, long_ends = _runs(grid.method == _MISSING)
-        if len(long_starts):
-            alts = self._alternates(grid, checked_alternates)
-            for s, e in zip(long_starts, long_ends):
-                self._resolve(grid, int(s), int(e), alts)
+        for s, e in zip(long_starts, long_ends):
+            self._resolve(grid, int(s), int(e), alts, mice)
         return grid.output(cols), grid.audit()
 
     # ---- filling ----------------------------------------------------------------------------
 
-    def _fill_short(self, grid: "_Grid") -> None:
-        """Vectorized ffill / interpolation of every short gap bounded by real bars."""
+    def _mice_length(self, length_ns: np.ndarray | int) -> np.ndarray | bool:
+        """Whether a hole of this duration is one MICE should try."""
+        cfg = self.cfg
+        return (length_ns >= cfg.mice_min_minutes * NS_PER_MIN) & (length_ns <= cfg.mice_max_minutes * NS_PER_MIN)
+
+    def _fill_short(self, grid: "_Grid", mice: bool) -> None:
+        """Vectorized ffill / interpolation of every short gap bounded by real bars (gaps that
+        MICE should try first are left to :meth:`_resolve`)."""
         n = grid.n
         idx = np.arange(n)
         present = grid.method == _REAL
@@ -295,6 +323,8 @@ class GapPolicy:
         dur = (nxt - prev - 1).astype(np.int64) * grid.freq
         ffill = missing & (prev >= 0) & (dur <= self.cfg.ffill_max_minutes * NS_PER_MIN)
         interp = missing & ~ffill & (prev >= 0) & (nxt < n) & (dur <= self.cfg.interp_max_minutes * NS_PER_MIN)
+        if mice:
+            interp &= ~self._mice_length(dur)
         if ffill.any():
             grid.set_flat(np.flatnonzero(ffill), grid.close[prev[ffill]], prev[ffill], nxt[ffill], _FFILL)
         if interp.any():
@@ -303,7 +333,7 @@ class GapPolicy:
             line = c0 + (c1 - c0) * (i - p) / (q - p)
             grid.set_flat(i, line, p, q, _INTERP)
 
-    def _resolve(self, grid: "_Grid", s: int, e: int, alts: list["_Alternate"]) -> None:
+    def _resolve(self, grid: "_Grid", s: int, e: int, alts: list["_Alternate"], mice: bool) -> None:
         """Fill the hole ``s..e`` (grid indices, inclusive) whose bounds are filled or edges."""
         n = grid.n
         length_ns = (e - s + 1) * grid.freq
@@ -313,6 +343,15 @@ class GapPolicy:
             grid.set_flat(idx, np.full(len(idx), grid.close[s - 1]), np.full(len(idx), s - 1),
                           np.full(len(idx), e + 1 if has_next else n), _FFILL)
             return
+        if mice and alts and self._mice_length(length_ns):
+            res = self._mice(grid, s, e, alts)
+            if res is not None:
+                grid.set_mice(s, e, res)
+                # Minutes no other provider quoted: holes of their own, MICE already tried.
+                hs, he = _runs(grid.method[s:e + 1] == _MISSING)
+                for a, b in zip(hs, he):
+                    self._resolve(grid, s + int(a), s + int(b), alts, False)
+                return
         if has_prev and has_next and length_ns <= self.cfg.interp_max_minutes * NS_PER_MIN:
             idx = np.arange(s, e + 1)
             c0, c1 = grid.close[s - 1], grid.close[e + 1]
@@ -331,9 +370,23 @@ class GapPolicy:
                 rest = alts[:best[1]] + alts[best[1] + 1:]
                 hs, he = _runs(grid.method[s:e + 1] == _MISSING)
                 for a, b in zip(hs, he):
-                    self._resolve(grid, s + int(a), s + int(b), rest)
+                    self._resolve(grid, s + int(a), s + int(b), rest, mice)
                 return
         grid.method[s:e + 1] = _MISSING  # excluded: stays missing, audited as such
+
+    def _mice(self, grid: "_Grid", s: int, e: int, alts: list["_Alternate"]) -> MiceResult | None:
+        """MICE of the hole ``s..e`` from every alternate over a context window around it."""
+        cfg = self.cfg
+        ctx = -(-cfg.mice_context_minutes * NS_PER_MIN // grid.freq)  # bars, rounded up
+        lo, hi = max(0, s - ctx), min(grid.n, e + 1 + ctx)
+        target = np.where(grid.real[lo:hi] & (grid.close[lo:hi] > 0), grid.close[lo:hi], np.nan)
+        preds = np.column_stack([np.where(a.present[lo:hi], a.floats["close"][lo:hi], np.nan) for a in alts])
+        res = mice_impute(target, preds, np.arange(s - lo, e + 1 - lo),
+                          imputations=cfg.mice_imputations, max_iter=cfg.mice_max_iter,
+                          min_rows=cfg.mice_min_rows, seed=cfg.mice_seed)
+        if res is None:
+            return None
+        return MiceResult(rows=res.rows + lo, values=res.values, sd_bp=res.sd_bp, predictors=res.predictors)
 
     @staticmethod
     def _validate_alternates(alternates: Mapping[str, pd.DataFrame] | None) -> list[tuple[str, dict[str, np.ndarray]]]:
@@ -349,8 +402,6 @@ class GapPolicy:
         return out
 
     def _alternates(self, grid: "_Grid", checked: list[tuple[str, dict[str, np.ndarray]]]) -> list["_Alternate"]:
-        if not self.cfg.provider_recovery:
-            return []
         out = []
         for k, (name, cols) in enumerate(checked):
             alt = _Alternate(name, _PROVIDER0 + k, grid, cols)
@@ -373,7 +424,8 @@ class _Grid:
         self.ticks = np.zeros(n, dtype=np.int64)
         self.providers = np.zeros(n, dtype=np.int64)
         self.src = np.full(n, -1, dtype=np.int64)  # row of the input frame for real bars
-        self.method_names: dict[int, str] = {_FFILL: "ffill", _INTERP: "interpolate", _MISSING: "excluded"}
+        self.method_names: dict[int, str] = {_FFILL: "ffill", _INTERP: "interpolate", _MICE: "mice",
+                                             _MISSING: "excluded"}
 
     def place(self, pos: np.ndarray, cols: dict[str, np.ndarray]) -> None:
         self.method[pos] = _REAL
@@ -399,6 +451,18 @@ class _Grid:
         self.ticks[idx] = 0
         self.providers[idx] = 0
         self.method[idx] = code
+
+    def set_mice(self, s: int, e: int, res: MiceResult) -> None:
+        """Flat bars at the imputed closes of the hole ``s..e``'s rows MICE filled."""
+        idx = res.rows
+        for c in ("open", "high", "low", "close", "vwap"):
+            self.floats[c][idx] = res.values
+        self.floats["volume"][idx] = 0.0
+        edge = self._edge_confidence(np.full(len(idx), s - 1), np.full(len(idx), e + 1))
+        self.floats["confidence"][idx] = np.fmax(edge, res.sd_bp)
+        self.ticks[idx] = 0
+        self.providers[idx] = res.predictors
+        self.method[idx] = _MICE
 
     def set_provider(self, s: int, e: int, alt: "_Alternate") -> None:
         idx = s + np.flatnonzero(alt.present[s:e + 1])
@@ -513,3 +577,79 @@ def _audit(
         "method": pd.Series(list(method), dtype="str"),
         "filled": np.asarray(filled, dtype=bool),
     })
+
+
+def fill_in_sessions(
+    policy: GapPolicy,
+    bars: pd.DataFrame,
+    freq_ns: int,
+    seg_starts: np.ndarray,
+    seg_ends: np.ndarray,
+    alternates: Mapping[str, pd.DataFrame] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run ``policy`` separately over each run of expected bar slots (each trading session).
+
+    A closure of the market is not a gap: nothing is expected between two sessions, so nothing
+    there is imputed or audited. Each session is filled as a series of its own whose range is
+    the session (``[seg_start, seg_end)``), so neither neighbour of a closure serves the other
+    side: a hole at the start of a session has no bar before it (no forward fill from the last
+    close, no interpolation across the closure; only provider recovery, else excluded), and a
+    hole at its end has no bar after it (forward fill when short, else recovery or excluded).
+
+    Parameters
+    ----------
+    policy
+        The gap policy.
+    bars
+        The series (bar schema); bars outside every segment are ignored.
+    freq_ns
+        Bar length in ns.
+    seg_starts, seg_ends
+        Sorted, disjoint, grid-aligned runs of expected slots
+        (:meth:`tickcast.market.calendar.TradingCalendar.expected_segments`).
+    alternates
+        As for :meth:`GapPolicy.fill`.
+
+    Returns
+    -------
+    (filled_bars, audit)
+        As :meth:`GapPolicy.fill`: the bars of all segments with their gaps filled, and one
+        audit row per filled or excluded segment of a gap.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from tickcast.config import GapConfig
+    >>> m = 60_000_000_000
+    >>> closes = {0: 100.0, 2: 102.0, 3: 103.0, 10: 110.0, 12: 112.0}  # closed at minutes 5-9
+    >>> bars = pd.DataFrame({"ts": [k * m for k in closes], "open": list(closes.values()),
+    ...     "high": list(closes.values()), "low": list(closes.values()),
+    ...     "close": list(closes.values()), "volume": 1.0, "vwap": list(closes.values()),
+    ...     "ticks": 1, "providers": 1, "confidence": 0.0, "imputed": ""})
+    >>> policy = GapPolicy(GapConfig(ffill_max_minutes=0, interp_max_minutes=5))
+    >>> filled, audit = fill_in_sessions(policy, bars, m, np.array([0, 10 * m]),
+    ...                                  np.array([5 * m, 13 * m]))
+    >>> (filled["ts"] // m).tolist()  # minute 4 ends a session: nothing to interpolate towards
+    [0, 1, 2, 3, 10, 11, 12]
+    >>> audit[["missing_minutes", "method"]].values.tolist()
+    [[1.0, 'interpolate'], [1.0, 'excluded'], [1.0, 'interpolate']]
+    """
+    freq = _check_freq(freq_ns)
+    starts = np.asarray(seg_starts, dtype=np.int64)
+    ends = np.asarray(seg_ends, dtype=np.int64)
+    if starts.shape != ends.shape or (len(starts) and (
+            (ends <= starts).any() or (starts[1:] < ends[:-1]).any())):
+        raise InvalidInput("session segments must be sorted, disjoint and non-empty",
+                           field="segments")
+    ts = bar_columns(bars)["ts"]
+    filled: list[pd.DataFrame] = []
+    audits: list[pd.DataFrame] = []
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        inside = (ts >= s) & (ts < e)
+        f, a = policy.fill(bars.loc[inside], freq, alternates, start_ns=s, end_ns=e)
+        filled.append(f)
+        audits.append(a)
+    if not filled:
+        return _frame(bar_columns(bars.iloc[:0])), _audit([], [], [], [], [])
+    return (pd.concat(filled, ignore_index=True),
+            pd.concat(audits, ignore_index=True))

@@ -2,9 +2,11 @@
 
 * :class:`DriftTracker` -- the champion's :class:`~tickcast.monitoring.drift.DriftMonitor` fed
   with the features published at each bar close, the champion's logged forecasts (prediction
-  drift) and, once the next bar has closed, the realized returns (performance drift).
+  drift) and, once the next bar has closed, the realized returns (label, concept and
+  performance drift).
 * :class:`SafetyTracker` -- :class:`~tickcast.monitoring.safety.SafetyState` fed once per bar
-  close, in bar order, with the champion's forecast for the next bar.
+  close, in bar order, with the champion's forecast for the next bar, and with the user's own
+  book updates (``book:<ASSET>``), applied in time order between the bars.
 
 Both are plain objects that pickle (the actors checkpoint them) and never recompute a window:
 every input goes to the incremental structures of the monitors, in batches.
@@ -12,6 +14,7 @@ every input goes to the incremental structures of the monitors, in batches.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from typing import Any, Iterable, Sequence
@@ -20,6 +23,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from tickcast.config import SafetyConfig
+from tickcast.market.calendar import TradingCalendar
+from tickcast.monitoring.book import BookRejected, BookUpdate
 from tickcast.monitoring.drift import DriftMonitor
 from tickcast.monitoring.pnl import BP
 from tickcast.monitoring.safety import SafetyState, SafetyStatus
@@ -57,10 +62,10 @@ class DriftTracker:
     >>> mon = DriftMonitor(DriftConfig(window=50, min_window=20, eval_every=10), ref)
     >>> tr = DriftTracker("X", "v1", mon, horizon=1, freq_ns=60)
     >>> rows = [(60 * i, ("b", "a"), rng.normal(size=2) + 3.0) for i in range(40)]
-    >>> [e["type"] for e in tr.on_features(rows)][-2:]
-    ['drift_level', 'drift_retrain']
-    >>> tr.level, tr.counts["features"]
-    ('CRITICAL', 40)
+    >>> [e["type"] for e in tr.on_features(rows)][-3:]
+    ['drift_level', 'drift_retrain', 'drift_kind']
+    >>> tr.level, tr.counts["features"], tr.status()["drift_kind"]
+    ('CRITICAL', 40, 'covariate')
     """
 
     def __init__(self, asset: str, champion: str, monitor: DriftMonitor, *, horizon: int,
@@ -155,14 +160,16 @@ class DriftTracker:
         return self.join.needed_range()
 
     def on_closes(self, ts: ArrayLike, close: ArrayLike) -> list[dict[str, Any]]:
-        """Bar closes from the bar store: realized returns of pending forecasts (performance)."""
+        """Bar closes from the bar store: realized returns of pending forecasts.
+
+        They feed label drift (P(Y)), concept drift (P(Y|X), the forecasts' standardized
+        residuals) and, when the model has validation figures, performance drift.
+        """
         self.join.add_closes(ts, close)
         if not self.join.settle():
             return []
         y, f, _ = self.join.take()
         self.counts["labels"] += len(y)
-        if self.monitor.performance is None:
-            return []
         return self.monitor.update_outcomes(f[:, 0, :], y)
 
     def status(self) -> dict[str, Any]:
@@ -173,6 +180,9 @@ class DriftTracker:
                 "feature_score": None if rep is None else rep.feature_score,
                 "prediction_score": None if rep is None else rep.prediction_score,
                 "performance_score": None if rep is None else rep.performance_score,
+                "label_score": None if rep is None else rep.label_score,
+                "concept_score": None if rep is None else rep.concept_score,
+                "drift_kind": "none" if rep is None else rep.drift_kind.value,
                 "drifted_features": [] if rep is None else list(rep.drifted_features),
                 "last_feature_bar": self.last_feature_bar, "counts": dict(self.counts),
                 "rejected": dict(self.rejected), "labels_pending": self.join.pending,
@@ -195,6 +205,10 @@ class SafetyTracker:
         Paper trading cost (``model.fee_bp``).
     champion
         Current champion version (None: no model yet, every bar flat).
+    calendar
+        The asset's trading calendar. The first bar after a closure is fed as a *reopen*
+        (:meth:`SafetyState.update`): the jump over the closure is no one-bar return, so the
+        volatility windows and the regime skip it; the paper accounts still mark it.
 
     Examples
     --------
@@ -206,9 +220,26 @@ class SafetyTracker:
     >>> tr.on_forecasts([Forecast("X", "blue", "v1", 120, 0.001, -0.002, 0.004)])
     >>> [(s.bar, s.position) for s in tr.step()]
     [(3, 1.0)]
+
+    The user's book: updates are applied before the first bar that opens at or after them.
+
+    >>> from tickcast.monitoring.book import BookKind, BookUpdate
+    >>> tr.on_book([BookUpdate("X", 150, BookKind.PNL, -800.0, capital=10_000.0)])
+    >>> tr.on_bars([180, 240], [100.4, 100.3])
+    >>> [(s.bar, s.source.value, round(s.drawdown, 3)) for s in tr.step()]
+    [(4, 'book', 0.0)]
+    >>> tr.on_book([BookUpdate("X", 200, BookKind.PNL, -1_400.0)])
+    >>> tr.on_bars([300], [100.2])
+    >>> [(s.bar, s.halted, round(s.drawdown, 3)) for s in tr.step()]
+    [(5, True, 0.065)]
     """
 
-    def __init__(self, cfg: SafetyConfig, fee_bp: float, champion: str | None) -> None:
+    # Default for trackers pickled before calendars existed (24/7).
+    calendar: TradingCalendar | None = None
+
+    def __init__(self, cfg: SafetyConfig, fee_bp: float, champion: str | None,
+                 calendar: TradingCalendar | None = None) -> None:
+        self.calendar = calendar
         self.cfg = cfg
         self.state = SafetyState(cfg, fee_bp)
         self.champion = champion
@@ -218,6 +249,10 @@ class SafetyTracker:
         self.last_done_ts = -1  # newest bar processed
         self.counts: dict[str, int] = {"bars": 0, "with_forecast": 0, "without_forecast": 0,
                                        "warm_bars": 0}
+        self._book: list[tuple[int, int, BookUpdate]] = []  # heap by (ts, arrival)
+        self._book_seq = 0
+        self.book_applied = 0  # user book updates applied
+        self.book_rejected: dict[str, int] = {}  # reason -> count
 
     @property
     def status(self) -> SafetyStatus:
@@ -234,7 +269,7 @@ class SafetyTracker:
                         np.asarray(close, dtype=np.float64).tolist()):
             if t <= self.last_bar_ts or not (math.isfinite(c) and c > 0):
                 continue
-            self.state.update(c, None, None, ts=t)
+            self.state.update(c, None, None, ts=t, reopen=self._reopens(t))
             self.last_bar_ts = self.last_done_ts = t
             self.counts["warm_bars"] += 1
         return self.state.status
@@ -255,6 +290,38 @@ class SafetyTracker:
                 continue
             self._forecasts[f.bar_ts] = (f.pred, (f.hi - f.lo) / BP)
 
+    def on_book(self, items: Iterable[BookUpdate | BookRejected]) -> None:
+        """The user's book updates, decoded (``decode_book_entry``); rejections are counted.
+
+        Updates wait until a bar opening at or after their ``ts`` is processed, and are
+        applied in ``ts`` order before it: a position holds over the bars that open after it,
+        a P&L is judged at that bar's close. An update not newer than the last applied is
+        rejected (``stale``), a P&L before any capital too (``missing_capital``).
+        """
+        for item in items:
+            if isinstance(item, BookRejected):
+                self._book_reject(item.reason.value)
+                continue
+            heapq.heappush(self._book, (item.ts, self._book_seq, item))
+            self._book_seq += 1
+
+    def _book_reject(self, reason: str) -> None:
+        self.book_rejected[reason] = self.book_rejected.get(reason, 0) + 1
+
+    def _apply_book(self, until_ts: int) -> None:
+        while self._book and self._book[0][0] <= until_ts:
+            _, _, update = heapq.heappop(self._book)
+            why = self.state.apply_book(update)
+            if why is None:
+                self.book_applied += 1
+            else:
+                self._book_reject(why.value)
+
+    def clear_book(self, reason: str, ts: int | None = None) -> SafetyStatus:
+        """Stop following the user's book (pending updates dropped): back to the paper account."""
+        self._book.clear()
+        return self.state.clear_book(reason, ts=ts)
+
     def step(self) -> list[SafetyStatus]:
         """Process every bar that can be processed now; returns their statuses."""
         out: list[SafetyStatus] = []
@@ -264,11 +331,13 @@ class SafetyTracker:
             if fc is None and len(self._queue) == 1:
                 break  # the newest bar waits for its forecast (or the next bar)
             self._queue.popleft()
+            self._apply_book(t)
+            reopen = self._reopens(t)
             if fc is None:
-                status = self.state.update(close, None, None, ts=t)
+                status = self.state.update(close, None, None, ts=t, reopen=reopen)
                 self.counts["without_forecast"] += 1
             else:
-                status = self.state.update(close, fc[0], fc[1], ts=t)
+                status = self.state.update(close, fc[0], fc[1], ts=t, reopen=reopen)
                 self.counts["with_forecast"] += 1
             self.counts["bars"] += 1
             self.last_done_ts = t
@@ -276,6 +345,12 @@ class SafetyTracker:
         for k in [k for k in self._forecasts if k <= self.last_done_ts]:
             del self._forecasts[k]
         return out
+
+    def _reopens(self, ts: int) -> bool:
+        """Whether the market closed between the last bar processed and the bar at ``ts``."""
+        cal = self.calendar
+        return (cal is not None and not cal.always_open and self.last_done_ts >= 0
+                and cal.closed_between(self.last_done_ts, ts))
 
     def new_champion(self, version: str | None, ts: int | None = None) -> SafetyStatus:
         """A new champion trades from now on: fresh paper accounts, halt lifted."""
@@ -289,5 +364,10 @@ class SafetyTracker:
         return {"champion": self.champion, "regime": st.regime, "multiplier": st.multiplier,
                 "halted": st.halted, "ratio": st.ratio, "drawdown": st.drawdown,
                 "equity": st.equity, "position": st.position, "bar": st.bar,
+                "source": self.state.source.value, "paper_drawdown": self.state.shadow.drawdown,
+                "book": self.state.book.to_dict() if self.state.book.active else None,
+                "book_applied": self.book_applied, "book_pending": len(self._book),
+                "book_rejected": dict(self.book_rejected),
+                "edge_cost_bp": self.state.edge_cost_bp,
                 "last_bar_ts": self.last_bar_ts, "last_done_ts": self.last_done_ts,
                 "queued": len(self._queue), "counts": dict(self.counts)}

@@ -18,6 +18,8 @@ DUPLICATES_TOTAL = "tickcast_duplicates_total"  # counter {asset}
 CONSENSUS_CONFIDENCE_BP = "tickcast_consensus_confidence_bp"  # gauge {asset}
 PROVIDER_AGREEMENT = "tickcast_provider_agreement"  # gauge {asset}: share of providers agreeing, 0..1
 GAP_MINUTES = "tickcast_gap_minutes"  # gauge {asset}: minutes since the last real bar
+PROVIDER_RELIABILITY = "tickcast_provider_reliability"  # gauge {asset, provider}: 0..1 EWMA
+PROVIDER_EXCLUDED = "tickcast_provider_excluded"  # gauge {asset, provider}: 1 while left out
 REQUEST_LATENCY_MS = "tickcast_request_latency_ms"  # histogram {slot}
 SLA_VIOLATIONS_TOTAL = "tickcast_sla_violations_total"  # counter {slot}
 REQUESTS_TOTAL = "tickcast_requests_total"  # counter {slot, code}
@@ -80,6 +82,10 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
                "Consensus confidence of the last bar, basis points of price"),
     MetricSpec(PROVIDER_AGREEMENT, "gauge", (ASSET,), "Share of providers agreeing with consensus"),
     MetricSpec(GAP_MINUTES, "gauge", (ASSET,), "Minutes since the last real consensus bar"),
+    MetricSpec(PROVIDER_RELIABILITY, "gauge", (ASSET, PROVIDER),
+               "Provider reliability (EWMA of good quotes, 0..1)"),
+    MetricSpec(PROVIDER_EXCLUDED, "gauge", (ASSET, PROVIDER),
+               "1 while the provider is excluded from the consensus (reliability below the floor)"),
     MetricSpec(REQUEST_LATENCY_MS, "histogram", (SLOT,), "Prediction request latency, ms"),
     MetricSpec(SLA_VIOLATIONS_TOTAL, "counter", (SLOT,), "Requests slower than the latency SLA"),
     MetricSpec(REQUESTS_TOTAL, "counter", (SLOT, CODE), "Prediction requests, by HTTP code"),

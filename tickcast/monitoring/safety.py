@@ -20,17 +20,35 @@ CRISIS lands in ELEVATED). A bar whose target equals the current regime ends the
 Paper P&L and halt
 ------------------
 Two paper accounts (:class:`~tickcast.monitoring.pnl.PaperPnL`, fees ``model.fee_bp``) follow
-the champion's signal (``safety.sizing``: sign of the median forecast, or median over half the
-interval, clipped to 1): the *shadow* account trades ``signal x regime multiplier x interval
+the champion's signal: the *shadow* account trades ``signal x regime multiplier x interval
 factor`` -- everything except the halt -- and the *managed* account trades ``signal x
-multiplier``, the exposure actually advised. The halt is decided on the shadow account, whose
-drawdown keeps evolving while trading is halted (the managed account is flat then):
+multiplier``, the exposure actually advised.
 
-* halt when the shadow drawdown exceeds ``max_drawdown``;
-* resume when at least ``halt_recovery_bars`` bars have passed since the halt AND the shadow
-  drawdown is back at or below ``halt_resume_drawdown`` (both measured at a bar close).
+The signal has a deadband (``safety.deadband``): it is 0 -- flat -- unless the forecast's edge
+beats its cost, ``|median| > model.fee_bp + safety.half_spread_bp`` (in bp of price; the
+market's bid/ask is not known here, so the half spread is configured). Beyond it the signal is
+sized by ``safety.sizing``: the sign of the median, or the median over half the interval,
+clipped to 1. A model without skill -- whose median is small against the cost -- therefore
+stays flat and pays no fees, and its accounts cannot halt by themselves.
 
-:meth:`SafetyState.reset_pnl` starts fresh accounts (a new champion) and lifts a halt.
+The halt follows one drawdown, the *followed* book's:
+
+* the shadow paper account's, by default (it keeps evolving while trading is halted, the
+  managed account being flat then);
+* the user's own book (:class:`~tickcast.monitoring.book.UserBook`) once the user has reported
+  one through :meth:`SafetyState.apply_book` (positions marked at each bar close, or P&L as
+  reported), until :meth:`SafetyState.clear_book`.
+
+Then:
+
+* halt when the followed drawdown exceeds ``max_drawdown``;
+* resume when at least ``halt_recovery_bars`` bars have passed since the halt AND the followed
+  drawdown is back at or below ``halt_resume_drawdown`` (both measured at a bar close). A user
+  book that went flat keeps its drawdown; the user lifts the halt by rebasing the book (a new
+  ``capital``, see :mod:`tickcast.monitoring.book`).
+
+:meth:`SafetyState.reset_pnl` starts fresh paper accounts (a new champion) and lifts a halt of
+the paper account; a halt on the user's book stays (the user's losses are not the model's).
 
 Multiplier
 ----------
@@ -47,12 +65,22 @@ from typing import Any
 
 import numpy as np
 
+from enum import Enum
+
 from tickcast.config import SafetyConfig
 from tickcast.errors import InvalidInput
+from tickcast.monitoring.book import BookRejection, BookUpdate, UserBook
 from tickcast.monitoring.metrics_names import REGIME_CODES
-from tickcast.monitoring.pnl import PaperPnL, signal_positions
+from tickcast.monitoring.pnl import BP, PaperPnL, signal_positions
 
 REGIMES: tuple[str, ...] = tuple(sorted(REGIME_CODES, key=REGIME_CODES.__getitem__))
+
+
+class HaltSource(str, Enum):
+    """Whose drawdown the halt follows."""
+
+    PAPER = "paper"  # the shadow paper account of the champion's signal
+    BOOK = "book"  # the user's own book
 
 
 @dataclass(frozen=True)
@@ -64,11 +92,14 @@ class SafetyStatus:
     halted: bool
     events: tuple[dict[str, Any], ...] = ()
     ratio: float | None = None  # vol_short / vol_long (None while the long window fills)
-    drawdown: float = 0.0  # shadow account drawdown (the one that halts)
+    drawdown: float = 0.0  # the followed drawdown (the one that halts; see source)
     equity: float = 1.0  # managed account equity
     position: float = 0.0  # managed position now held (signal x multiplier)
     bar: int = 0  # bar closes seen
     ts: int | None = None
+    source: HaltSource = HaltSource.PAPER  # whose drawdown the halt follows
+    paper_drawdown: float = 0.0  # shadow paper account drawdown
+    book: dict[str, Any] | None = None  # the user's book (None: none reported)
 
     def to_redis_fields(self, updated_ns: int) -> dict[str, str]:
         """Fields of the ``safety:<ASSET>`` hash the serving app reads."""
@@ -79,7 +110,9 @@ class SafetyStatus:
         """JSON-ready dictionary."""
         return {"regime": self.regime, "multiplier": self.multiplier, "halted": self.halted,
                 "events": list(self.events), "ratio": self.ratio, "drawdown": self.drawdown,
-                "equity": self.equity, "position": self.position, "bar": self.bar, "ts": self.ts}
+                "equity": self.equity, "position": self.position, "bar": self.bar, "ts": self.ts,
+                "source": self.source.value, "paper_drawdown": self.paper_drawdown,
+                "book": self.book}
 
 
 class SafetyState:
@@ -90,7 +123,8 @@ class SafetyState:
     cfg
         The ``safety`` config section.
     fee_bp
-        Trading cost in basis points (``model.fee_bp``).
+        Trading cost in basis points (``model.fee_bp``); with ``cfg.half_spread_bp`` it makes
+        the deadband.
 
     Examples
     --------
@@ -123,6 +157,7 @@ class SafetyState:
         self._wide = False
         self.shadow = PaperPnL(fee_bp)
         self.managed = PaperPnL(fee_bp)
+        self.book = UserBook()
         self._status = SafetyStatus("NORMAL", self._multiplier(), False)
 
     # -- read-only state ---------------------------------------------------------------
@@ -146,6 +181,35 @@ class SafetyState:
         """The status returned by the last update (no events before the first)."""
         return self._status
 
+    @property
+    def source(self) -> HaltSource:
+        """Whose drawdown the halt follows: the user's book once reported, else the paper account."""
+        return HaltSource.BOOK if self.book.active else HaltSource.PAPER
+
+    @property
+    def edge_cost_bp(self) -> float:
+        """The deadband: the edge (bp) a forecast's median must exceed to take a position."""
+        return self.fee_bp + self.cfg.half_spread_bp
+
+    def _followed_drawdown(self) -> float:
+        return self.book.drawdown if self.book.active else self.shadow.drawdown
+
+    def signal(self, forecast: float | None, interval_bp: float | None) -> float:
+        """The position the signal asks for (before multipliers): 0 inside the deadband.
+
+        Examples
+        --------
+        >>> from tickcast.config import SafetyConfig
+        >>> state = SafetyState(SafetyConfig(), fee_bp=1.0)  # cost 1 + 1 bp half spread
+        >>> [state.signal(f, None) for f in (1.5e-4, -2.5e-4, 3e-4, None)]
+        [0.0, -1.0, 1.0, 0.0]
+        """
+        if forecast is None:
+            return 0.0
+        if self.cfg.deadband and not abs(forecast) / BP > self.edge_cost_bp:
+            return 0.0
+        return float(signal_positions(forecast, interval_bp, self.cfg.sizing))
+
     def _multiplier(self, with_halt: bool = True) -> float:
         m = float(self.cfg.multipliers[self._regime])
         if self._wide:
@@ -156,7 +220,8 @@ class SafetyState:
 
     # -- update ------------------------------------------------------------------------
     def update(self, bar_close: float, forecast: float | None = None,
-               interval_bp: float | None = None, *, ts: int | None = None) -> SafetyStatus:
+               interval_bp: float | None = None, *, ts: int | None = None,
+               reopen: bool = False) -> SafetyStatus:
         """Process one bar close and the champion's forecast for the next bar.
 
         Parameters
@@ -169,6 +234,10 @@ class SafetyState:
             Width of the predicted interval in basis points of price; ``None``: unknown.
         ts
             Bar timestamp (UNIX ns), copied into the events.
+        reopen
+            The bar is the first after a market closure: its move from the last close before
+            the closure is marked on the paper accounts (a held position bears it) but is not
+            a one-bar return, so it stays out of the volatility windows and the regime.
 
         Raises
         ------
@@ -190,22 +259,47 @@ class SafetyState:
             simple = close / self._prev_close - 1.0
             self.shadow.mark(simple)
             self.managed.mark(simple)
-            self._push_return(math.log(close / self._prev_close))
-            self._regime_step(events, ts)
+            self.book.mark(simple)
+            if not reopen:
+                self._push_return(math.log(close / self._prev_close))
+                self._regime_step(events, ts)
         self._prev_close = close
         self._halt_step(events, ts)
         self._wide_step(width, events, ts)
 
-        signal = 0.0 if fc is None else float(
-            signal_positions(fc, width, self.cfg.sizing))
+        signal = self.signal(fc, width)
         self.shadow.rebalance(signal * self._multiplier(with_halt=False))
         mult = self._multiplier()
         self.managed.rebalance(signal * mult)
         for ev in events:  # the exposure in force after this bar, whatever triggered it
             ev["multiplier"] = mult
-        self._status = SafetyStatus(self._regime, mult, self._halted, tuple(events), self._ratio,
-                                    self.shadow.drawdown, self.managed.equity,
-                                    self.managed.position, self._bars, ts)
+        self._status = self._make_status(mult, tuple(events), ts)
+        return self._status
+
+    def _make_status(self, mult: float, events: tuple[dict[str, Any], ...],
+                     ts: int | None) -> SafetyStatus:
+        return SafetyStatus(self._regime, mult, self._halted, events, self._ratio,
+                            self._followed_drawdown(), self.managed.equity, self.managed.position,
+                            self._bars, ts, self.source, self.shadow.drawdown,
+                            self.book.to_dict() if self.book.active else None)
+
+    def apply_book(self, update: BookUpdate) -> BookRejection | None:
+        """Apply a user book update; from the first one on, the halt follows the book.
+
+        Updates take effect at once (a position holds over the bars that close after it); the
+        halt is judged at the next bar close. Returns ``None``, or the reason the update was
+        not applied (``stale``: not newer than the last; ``missing_capital``: a P&L before
+        any capital), the state then unchanged.
+        """
+        return self.book.apply(update)
+
+    def clear_book(self, reason: str, *, ts: int | None = None) -> SafetyStatus:
+        """Stop following the user's book; the halt follows the paper account again."""
+        events: tuple[dict[str, Any], ...] = ({
+            "type": "book_cleared", "reason": reason, "bar": self._bars, "ts": ts,
+            "book": self.book.to_dict(), "halted": self._halted},)
+        self.book = UserBook()
+        self._status = self._make_status(self._multiplier(), events, ts)
         return self._status
 
     def reset_pnl(self, reason: str, *, ts: int | None = None) -> SafetyStatus:
@@ -214,17 +308,20 @@ class SafetyState:
         The volatility history and the regime are kept: they describe the market, not the
         model.
         """
+        book = self.book.active
         events: list[dict[str, Any]] = [{
             "type": "pnl_reset", "reason": reason, "bar": self._bars, "ts": ts,
             "equity": self.managed.equity, "drawdown": self.shadow.drawdown,
-            "was_halted": self._halted}]
+            "was_halted": self._halted, "source": self.source.value,
+            # A halt on the user's book is the user's risk: a new champion does not lift it.
+            "halt_kept": self._halted and book}]
         self.shadow = PaperPnL(self.fee_bp)
         self.managed = PaperPnL(self.fee_bp)
-        self._halted = False
+        if not book:
+            self._halted = False
         mult = self._multiplier()
         events[0]["multiplier"] = mult
-        self._status = SafetyStatus(self._regime, mult, False, tuple(events), self._ratio, 0.0,
-                                    1.0, 0.0, self._bars, ts)
+        self._status = self._make_status(mult, tuple(events), ts)
         return self._status
 
     # -- steps -------------------------------------------------------------------------
@@ -272,13 +369,14 @@ class SafetyState:
 
     def _halt_step(self, events: list[dict[str, Any]], ts: int | None) -> None:
         c = self.cfg
-        dd = self.shadow.drawdown
+        dd = self._followed_drawdown()
+        followed = self.book if self.book.active else self.shadow
+        evidence = {"source": self.source.value, "equity": followed.equity, "peak": followed.peak}
         if not self._halted and dd > c.max_drawdown:
             self._halted = True
             self._halt_bar = self._bars
             events.append({"type": "halt", "bar": self._bars, "ts": ts, "drawdown": dd,
-                           "max_drawdown": c.max_drawdown, "equity": self.shadow.equity,
-                           "peak": self.shadow.peak})
+                           "max_drawdown": c.max_drawdown, **evidence})
         elif self._halted:
             waited = self._bars - self._halt_bar
             if waited >= c.halt_recovery_bars and dd <= c.halt_resume_drawdown:
@@ -286,7 +384,7 @@ class SafetyState:
                 events.append({"type": "resume", "bar": self._bars, "ts": ts, "drawdown": dd,
                                "halt_resume_drawdown": c.halt_resume_drawdown,
                                "bars_halted": waited, "halt_recovery_bars": c.halt_recovery_bars,
-                               "equity": self.shadow.equity, "peak": self.shadow.peak})
+                               **evidence})
 
     def _wide_step(self, width: float | None, events: list[dict[str, Any]], ts: int | None) -> None:
         c = self.cfg

@@ -28,22 +28,45 @@ late          delivered more than ``bars.allowed_lateness_s`` (+ one    LATE
               batch) after its event time
 ============  ========================================================  ===============
 
+Volatility regimes (``simulator.regimes``, per asset; :class:`~tickcast.config.RegimeConfig`):
+the mid's volatility is ``annual_vol x sqrt(g) x m``, with ``g`` a GARCH(1,1) multiplier updated
+every ``garch_step_s`` from the step's standardized return (volatility clustering) and ``m`` the
+multiplier of a volatility spike or a calm stretch, episodes that start at Poisson rates. Every
+tick records its regime (:class:`VolRegime`: normal, calm, spike) and its annualized volatility
+(:meth:`MarketSimulator.tick_keys`, :meth:`MarketSimulator.regime_bars`,
+:meth:`MarketSimulator.regime_events`). An asset without regimes follows the plain GBM, tick for
+tick the same as without this feature (regime draws come from a stream of their own).
+
 Ticks are generated in vectorized blocks of event time and emitted per asset in batches of
 ``batch_s`` of receive time (``ts_init``), in delivery order. A provider delivers its own ticks in
 order (as over one TCP connection), except the injected out-of-order and late ones.
+
+An asset with a trading calendar (``calendars``; :meth:`MarketSimulator.from_settings` takes
+``calendars.<ASSET>``) trades only in session: no tick has an event time in a closure. The mid
+keeps moving through the closure, so the first ticks after the open jump by the closure's
+worth of volatility (the gap at the reopen). Assets without one (24/7) are generated exactly as
+before.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Iterator
+from enum import IntEnum
 
 import numpy as np
 import pandas as pd
 
-from tickcast.config import BarConfig, ConsensusConfig, Settings, SimulatorConfig
+from tickcast.config import (
+    BarConfig,
+    ConsensusConfig,
+    RegimeConfig,
+    Settings,
+    SimulatorConfig,
+)
 from tickcast.errors import TickStatus
+from tickcast.market.calendar import TradingCalendar, trading_calendar
 from tickcast.ticks import NS_PER_MIN, NS_PER_S, TickBatch
 
 KINDS: tuple[str, ...] = (
@@ -68,6 +91,19 @@ EXPECTED_STATUS: dict[str, TickStatus] = {
     "late": TickStatus.LATE,
 }
 
+
+
+class VolRegime(IntEnum):
+    """Volatility regime of the simulated market at a tick (code stored per tick)."""
+
+    NORMAL = 0
+    CALM = 1
+    SPIKE = 2
+
+
+REGIMES: tuple[str, ...] = tuple(r.name.lower() for r in VolRegime)
+"""Regime names by code."""
+
 SECONDS_PER_YEAR = 365.25 * 86_400  # crypto trades around the clock
 DEFAULT_START_NS = 1_704_067_200 * NS_PER_S  # 2024-01-01T00:00:00Z
 _GEN_BLOCK_S = 60.0  # event time generated per vectorized step (rounded up to whole batches)
@@ -76,13 +112,109 @@ _OOO_MARGIN_NS = 1_000_000  # an out-of-order tick arrives >= 1 ms after its suc
 _CODE = {name: i for i, name in enumerate(LABELS)}
 _K = {name: i for i, name in enumerate(KINDS)}
 _COLUMNS = ("provider", "ts_event", "ts_init", "price", "size", "bid", "ask", "seq", "status",
-            "label", "occurrence")
+            "label", "occurrence", "regime", "vol")
+_RECORDED = ("label", "provider", "seq", "occurrence", "ts_event", "ts_init", "regime", "vol")
+_NEVER_NS = np.iinfo(np.int64).max  # "no such time" in the future
 
 
 def _empty_columns() -> dict[str, np.ndarray]:
     dt = {"provider": np.int16, "ts_event": np.int64, "ts_init": np.int64, "seq": np.int64,
-          "status": np.uint8, "label": np.uint8, "occurrence": np.uint8}
+          "status": np.uint8, "label": np.uint8, "occurrence": np.uint8, "regime": np.uint8}
     return {c: np.empty(0, dtype=dt.get(c, np.float64)) for c in _COLUMNS}
+
+
+@dataclass
+class _VolRegimes:
+    """The volatility regime process of one asset: GARCH multiplier, spikes, calm stretches.
+
+    Carried from block to block; the mid's path over a block is drawn by :meth:`path` from the
+    block's standard normal draws, so the asset's main random stream is used exactly as without
+    regimes.
+    """
+
+    cfg: RegimeConfig
+    rng: np.random.Generator
+    anchor_ns: int
+    step_ns: int
+    g: float = 1.0  # GARCH variance multiplier of the current step
+    step: int = -1  # index of the step being accumulated (-1: none yet)
+    acc_r: float = 0.0  # its log return so far
+    acc_var: float = 0.0  # its variance so far, without g (sum of (sigma x m)^2 dt)
+    next_spike: int = _NEVER_NS
+    next_calm: int = _NEVER_NS
+    events: list[tuple[int, int, int, float]] = field(default_factory=list)  # start, end, regime, m
+
+    def __post_init__(self) -> None:
+        self.next_spike = self._onset(self.anchor_ns, self.cfg.spike_rate_per_hour)
+        self.next_calm = self._onset(self.anchor_ns, self.cfg.calm_rate_per_hour)
+
+    def _onset(self, after_ns: int, rate_per_hour: float) -> int:
+        if rate_per_hour <= 0:
+            return _NEVER_NS
+        return after_ns + int(self.rng.exponential(3600.0 / rate_per_hour) * NS_PER_S)
+
+    def _schedule(self, upto_ns: int) -> None:
+        """Draw the spike and calm episodes that start before ``upto_ns``."""
+        cfg = self.cfg
+        while min(self.next_spike, self.next_calm) < upto_ns:
+            spike = self.next_spike <= self.next_calm
+            start = self.next_spike if spike else self.next_calm
+            lo, hi = cfg.spike_minutes if spike else cfg.calm_minutes
+            end = start + int(self.rng.uniform(lo, hi) * 60 * NS_PER_S)
+            if spike:
+                self.events.append((start, end, int(VolRegime.SPIKE), cfg.spike_multiplier))
+                self.next_spike = self._onset(end, cfg.spike_rate_per_hour)
+            else:
+                self.events.append((start, end, int(VolRegime.CALM), cfg.calm_multiplier))
+                self.next_calm = self._onset(end, cfg.calm_rate_per_hour)
+
+    def _multipliers(self, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Episode multiplier and regime code at each tick (a spike wins over a calm stretch)."""
+        self._schedule(int(ts[-1]) + 1)
+        m = np.ones(len(ts))
+        code = np.zeros(len(ts), dtype=np.uint8)
+        for kind in (VolRegime.CALM, VolRegime.SPIKE):
+            for start, end, k, mult in self.events:
+                if k != kind or end <= ts[0] or start > ts[-1]:
+                    continue
+                inside = (ts >= start) & (ts < end)
+                m[inside] = mult
+                code[inside] = k
+        return m, code
+
+    def _close_step(self) -> None:
+        """GARCH update from the finished step's standardized return."""
+        a, b = self.cfg.garch_alpha, self.cfg.garch_beta
+        e2 = self.acc_r * self.acc_r / self.acc_var if self.acc_var > 0 else self.g
+        self.g = (1.0 - a - b) + a * e2 + b * self.g
+        self.acc_r = self.acc_var = 0.0
+
+    def path(self, ts: np.ndarray, dt: np.ndarray, z: np.ndarray, sigma_s: float,
+             log_mid0: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Log mid at each tick, regime code and volatility multiplier ``sqrt(g) x m``."""
+        m, code = self._multipliers(ts)
+        step = (ts - self.anchor_ns) // self.step_ns
+        cuts = np.flatnonzero(np.diff(step)) + 1
+        starts = np.concatenate([[0], cuts])
+        ends = np.concatenate([cuts, [len(ts)]])
+        incr = np.empty(len(ts))
+        mult = np.empty(len(ts))
+        for i0, i1 in zip(starts.tolist(), ends.tolist()):
+            k = int(step[i0])
+            if self.step >= 0 and k != self.step:
+                self._close_step()
+                # Steps without a tick: no information, the variance moves to its mean.
+                for _ in range(min(k - self.step - 1, 10_000)):
+                    self._close_step()
+            self.step = k
+            base = sigma_s * m[i0:i1]
+            sig = base * math.sqrt(self.g)
+            d = dt[i0:i1]
+            incr[i0:i1] = -0.5 * sig * sig * d + sig * np.sqrt(d) * z[i0:i1]
+            mult[i0:i1] = math.sqrt(self.g) * m[i0:i1]
+            self.acc_r += float(incr[i0:i1].sum())
+            self.acc_var += float((base * base * d).sum())
+        return log_mid0 + np.cumsum(incr), code, mult
 
 
 @dataclass
@@ -104,10 +236,12 @@ class _AssetState:
     last_quote: np.ndarray  # (providers, 3): price, bid, ask of each provider's last tick
     last_ts: np.ndarray
     last_clean: np.ndarray
+    regimes: _VolRegimes | None = None
     frozen_p: int = -1
     frozen_until: int = 0
     frozen_anchor_ts: int = 0
     frozen_quote: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    calendar: TradingCalendar | None = None  # None or 24/7: trades around the clock
     pending: dict[str, np.ndarray] = field(default_factory=_empty_columns)
     emitted: list[dict[str, np.ndarray]] = field(default_factory=list)
 
@@ -132,6 +266,8 @@ class MarketSimulator:
         Sequence number of every provider's first tick. A feed restarted onto streams that
         already carry its earlier ticks must number above them: consumers drop a repeated
         ``(provider, seq)`` as a duplicate.
+    calendars
+        Trading calendar per asset; an asset absent (or 24/7) trades around the clock.
 
     Raises
     ------
@@ -160,6 +296,7 @@ class MarketSimulator:
         bars: BarConfig | None = None,
         start_ns: int = DEFAULT_START_NS,
         first_seq: int = 0,
+        calendars: Mapping[str, TradingCalendar] | None = None,
     ) -> None:
         assets = tuple(assets)
         if first_seq < 0:
@@ -199,6 +336,14 @@ class MarketSimulator:
         for asset, child in zip(assets, np.random.SeedSequence(seed).spawn(len(assets))):
             rng = np.random.default_rng(child)
             price0 = float(cfg.start_prices[asset])
+            reg_cfg = cfg.regimes.get(asset)
+            regimes = None
+            if reg_cfg is not None and reg_cfg.active:
+                # A stream of its own (spawned from the asset's), so the ticks' draws stay those
+                # of the plain market.
+                regimes = _VolRegimes(reg_cfg, np.random.default_rng(child.spawn(1)[0]),
+                                      anchor_ns=self._clock,
+                                      step_ns=max(1, round(reg_cfg.garch_step_s * NS_PER_S)))
             self._states.append(_AssetState(
                 asset=asset, rng=rng, start_price=price0,
                 noise_bp=cfg.provider_noise_bp * rng.uniform(1 - d, 1 + d, n_p),
@@ -210,7 +355,8 @@ class MarketSimulator:
                 seq_next=np.full(n_p, first_seq, dtype=np.int64),
                 init_carry=np.full(n_p, np.iinfo(np.int64).min, dtype=np.int64),
                 last_quote=np.full((n_p, 3), np.nan), last_ts=np.full(n_p, -1, dtype=np.int64),
-                last_clean=np.zeros(n_p, dtype=bool),
+                last_clean=np.zeros(n_p, dtype=bool), regimes=regimes,
+                calendar=(calendars or {}).get(asset),
             ))
 
     @classmethod
@@ -218,10 +364,13 @@ class MarketSimulator:
         cls, settings: Settings, seed: int, assets: tuple[str, ...] | None = None,
         start_ns: int | None = None,
     ) -> "MarketSimulator":
-        """A simulator shaped by the whole configuration (simulator, consensus, bars)."""
-        return cls(settings.simulator, assets or settings.assets, seed,
+        """A simulator shaped by the whole configuration (simulator, consensus, bars,
+        calendars)."""
+        assets = assets or settings.assets
+        return cls(settings.simulator, assets, seed,
                    consensus=settings.consensus, bars=settings.bars,
-                   start_ns=DEFAULT_START_NS if start_ns is None else start_ns)
+                   start_ns=DEFAULT_START_NS if start_ns is None else start_ns,
+                   calendars={a: trading_calendar(settings, a) for a in assets})
 
     # ------------------------------------------------------------------ public API
 
@@ -283,7 +432,9 @@ class MarketSimulator:
         return np.asarray(LABELS, dtype=object)[self._emitted(asset, "label")]
 
     def tick_keys(self, asset: str) -> pd.DataFrame:
-        """Per emitted tick, in emission order: provider, seq, occurrence, label, ts_event, ts_init.
+        """Per emitted tick, in emission order: provider, seq, occurrence, label, ts_event,
+        ts_init, regime (volatility regime name) and vol_annual (the mid's annualized
+        volatility at the tick's event time).
 
         ``occurrence`` tells a duplicate (1) from its original (0), which share provider and
         seq; (provider, seq, occurrence) is unique, so statuses can be joined back by key.
@@ -295,6 +446,46 @@ class MarketSimulator:
             "label": self.labels(asset),
             "ts_event": self._emitted(asset, "ts_event"),
             "ts_init": self._emitted(asset, "ts_init"),
+            "regime": self.regimes(asset),
+            "vol_annual": self._emitted(asset, "vol"),
+        })
+
+    def regimes(self, asset: str) -> np.ndarray:
+        """Volatility regime of each emitted tick of ``asset`` (name), in emission order."""
+        return np.asarray(REGIMES, dtype=object)[self._emitted(asset, "regime")]
+
+    def regime_bars(self, asset: str, freq_s: int = 60) -> pd.DataFrame:
+        """Per bar of ``freq_s`` seconds (by event time) with emitted ticks of ``asset``.
+
+        Columns: ``ts`` (bar open, UNIX ns), ``regime`` (the regime of most of its ticks; a
+        tie goes to the more extreme), ``vol_annual`` (mean annualized volatility of the mid at
+        its ticks) and ``ticks``.
+        """
+        freq = int(freq_s) * NS_PER_S
+        ts = self._emitted(asset, "ts_event")
+        frame = pd.DataFrame({"ts": ts - ts % freq, "regime": self._emitted(asset, "regime"),
+                              "vol": self._emitted(asset, "vol")})
+        counts = frame.groupby(["ts", "regime"]).size().unstack(fill_value=0)
+        # Most ticks wins; among equals the higher code (spike > calm > normal).
+        codes = counts.columns.to_numpy()
+        mode = codes[len(codes) - 1 - np.argmax(counts.to_numpy()[:, ::-1], axis=1)]
+        agg = frame.groupby("ts").agg(vol_annual=("vol", "mean"), ticks=("vol", "size"))
+        return pd.DataFrame({
+            "ts": agg.index.to_numpy(np.int64),
+            "regime": np.asarray(REGIMES, dtype=object)[mode.astype(np.int64)],
+            "vol_annual": agg["vol_annual"].to_numpy(),
+            "ticks": agg["ticks"].to_numpy(np.int64),
+        })
+
+    def regime_events(self, asset: str) -> pd.DataFrame:
+        """Spike and calm episodes of ``asset`` drawn so far: start_ns, end_ns, regime, multiplier."""
+        reg = self._state(asset).regimes
+        events = reg.events if reg is not None else []
+        return pd.DataFrame({
+            "start_ns": np.array([e[0] for e in events], dtype=np.int64),
+            "end_ns": np.array([e[1] for e in events], dtype=np.int64),
+            "regime": [REGIMES[e[2]] for e in events],
+            "multiplier": np.array([e[3] for e in events], dtype=np.float64),
         })
 
     def provider_profile(self, asset: str) -> pd.DataFrame:
@@ -325,8 +516,7 @@ class MarketSimulator:
             return None
         out = {c: v[:k] for c, v in pend.items()}
         st.pending = {c: v[k:] for c, v in pend.items()}
-        st.emitted.append({c: out[c] for c in ("label", "provider", "seq", "occurrence",
-                                                 "ts_event", "ts_init")})
+        st.emitted.append({c: out[c] for c in _RECORDED})
         return TickBatch(
             asset=st.asset, providers=self.providers, provider=out["provider"],
             ts_event=out["ts_event"], ts_init=out["ts_init"], price=out["price"],
@@ -346,11 +536,27 @@ class MarketSimulator:
         ts = t0 + (rng.random(n) * (t1 - t0)).astype(np.int64)
         order = np.lexsort((provider, ts))
         provider, ts = provider[order], ts[order]
+        if st.calendar is not None and not st.calendar.always_open:
+            # Nothing trades while the market is closed; the mid moves on regardless (below,
+            # dt spans the closure), which makes the gap at the reopen.
+            in_session = st.calendar.is_open(ts)
+            if not in_session.all():
+                provider, ts = provider[in_session], ts[in_session]
+                n = len(ts)
+                if n == 0:
+                    return
 
-        # The common mid: exact GBM sampling at every tick time.
+        # The common mid: exact GBM sampling at every tick time (volatility piecewise constant
+        # per regime step when the asset has regimes).
         dt = np.diff(ts, prepend=st.t_last).astype(np.float64) / NS_PER_S
         sig = self._sigma_s
-        log_mid = st.log_mid + np.cumsum(-0.5 * sig * sig * dt + sig * np.sqrt(dt) * rng.standard_normal(n))
+        if st.regimes is None:
+            log_mid = st.log_mid + np.cumsum(-0.5 * sig * sig * dt + sig * np.sqrt(dt) * rng.standard_normal(n))
+            regime = np.zeros(n, dtype=np.uint8)
+            vol = np.full(n, cfg.annual_vol)
+        else:
+            log_mid, regime, mult = st.regimes.path(ts, dt, rng.standard_normal(n), sig, st.log_mid)
+            vol = cfg.annual_vol * mult
         st.log_mid, st.t_last = float(log_mid[-1]), int(ts[-1])
 
         dev_bp = st.bias_bp[provider] + st.noise_bp[provider] * rng.standard_normal(n)
@@ -448,7 +654,7 @@ class MarketSimulator:
         block = {
             "provider": provider, "ts_event": ts, "ts_init": ts_init, "price": price,
             "size": size, "bid": bid, "ask": ask, "seq": seq, "status": status, "label": label,
-            "occurrence": np.zeros(n, dtype=np.uint8),
+            "occurrence": np.zeros(n, dtype=np.uint8), "regime": regime, "vol": vol,
         }
         dups = {c: v[i] for c, v in block.items()}
         dups["ts_init"] = dup_init

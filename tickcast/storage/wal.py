@@ -356,7 +356,7 @@ class WriteAheadLog:
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing to report to
             pass
 
 
@@ -420,7 +420,7 @@ class GuardedWriter:
             if len(self.wal) == 0 and self.breaker.state is BreakerState.CLOSED:
                 try:
                     self.breaker.call(self._write, payload)
-                except Exception as exc:  # any failure: the payload goes to the log instead
+                except Exception as exc:  # noqa: BLE001 - any failure: the payload goes to the log instead
                     self._note_error(exc)
                     log.warning("guarded write to %s failed, queued in WAL: %s", self.breaker.name, exc)
                 else:
@@ -446,7 +446,7 @@ class GuardedWriter:
                 seq, payload = head
                 try:
                     self.breaker.call(self._write, payload)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - recorded; replay resumes later
                     self._note_error(exc)
                     return done
                 self.wal.ack(seq)
