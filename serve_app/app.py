@@ -524,7 +524,7 @@ def _log_row(request_id: str, s: Scored, shadow: bool) -> Row:
 
 
 def haproxy_env(drain_period_s: float = 5.0, threads: int = 1,
-                run_dir: str | Path | None = None) -> dict[str, str]:
+                run_dir: str | Path | None = None, isolated: bool = True) -> dict[str, str]:
     """Environment for Serve's controller (inherited by its proxies and replicas).
 
     HAProxy ingress on. Its stats and Prometheus ports, its fallback proxy's ports (8500, 9500)
@@ -536,7 +536,15 @@ def haproxy_env(drain_period_s: float = 5.0, threads: int = 1,
     second on one node) stops sending it requests before it closes: scale-down drops nothing.
     Ray's default of 30 s would make every deletion and downscale take that long. HAProxy's
     thread count defaults to 4 in Ray; on a 2-core host one thread is enough and contends less.
+
+    ``isolated=False`` (a deployment config for a cluster whose Serve is alone on its nodes,
+    ``tickcast.serve_deploy``) keeps Ray's fixed ports and files, so the config is the same
+    wherever it is generated.
     """
+    if not isolated:
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(drain_period_s),
+                "RAY_SERVE_HAPROXY_NBTHREAD": str(threads)}
     run = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="tickcast-haproxy-"))
     run.mkdir(parents=True, exist_ok=True)
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1",

@@ -4,7 +4,6 @@ against real processes, sockets and files of this machine."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -109,10 +108,15 @@ def test_stop_group_stops_every_member_and_terminate_kills_a_process_ignoring_si
                       "print('ready', flush=True); time.sleep(120)")
     stubborn = spawn([sys.executable, "-c", ignore_sigterm], stdout=subprocess.PIPE)
     assert stubborn.stdout is not None and stubborn.stdout.readline() == b"ready\n"
+    # terminate() reaps its own children, so Popen may no longer see the exit status: what
+    # counts is that it had to kill (True) and that the process is gone.
     assert terminate(stubborn.pid, timeout_s=1.0) is True
-    assert stubborn.wait(timeout=10) == -signal.SIGKILL
+    stubborn.wait(timeout=10)
+    assert not alive(stubborn.pid)
     polite = spawn([sys.executable, "-c", SLEEP])
-    assert terminate(polite.pid, timeout_s=10.0) is False and polite.wait(timeout=10) == -signal.SIGTERM
+    assert terminate(polite.pid, timeout_s=10.0) is False
+    polite.wait(timeout=10)
+    assert not alive(polite.pid)
 
 
 def _pgid(pid: int) -> int:

@@ -104,10 +104,8 @@ def controller_env(settings: Settings) -> dict[str, str]:
     """
     from serve_app.app import haproxy_env
 
-    env = haproxy_env(settings.serve.drain_period_s, settings.serve.haproxy_threads)
-    for per_host in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"):
-        env.pop(per_host)
-    return env
+    return haproxy_env(settings.serve.drain_period_s, settings.serve.haproxy_threads,
+                       isolated=False)
 
 
 def serve_config(settings: Settings | None = None, args: DeployArgs | None = None) -> dict[str, Any]:
