@@ -40,13 +40,13 @@ import ray
 import redis
 
 from actors.loop_support import (EventSink, LoopMetrics, checkpoint_path, decode_features,
-                                 load_checkpoint, read_entries, save_checkpoint, stream_tail_id)
+                                 load_checkpoint, read_entries, read_forecasts, save_checkpoint,
+                                 stream_tail_id)
 from tickcast.config import Settings
 from tickcast.monitoring import metrics_names as mn
 from tickcast.monitoring.drift import DriftMonitor
 from tickcast.monitoring.events import event_from
 from tickcast.monitoring.loop_state import PREDICTION_COLUMNS, DriftTracker
-from tickcast.monitoring.shadow_eval import parse_prediction
 from tickcast.ray_runtime import NAMESPACE
 from tickcast.storage.online_store import LOG_PREFIX
 from tickcast.streams import prediction_stream_key
@@ -218,16 +218,9 @@ class AssetDrift:
                 rows.append(row)
         if feats:
             self.state.features_id = feats[-1][0]
-        preds = read_entries(self.client, self.predictions_key, self.state.predictions_id,
-                             c.stream_batch)
-        forecasts = []
-        for _eid, fields in preds:
-            f, why = parse_prediction(fields)
-            if f is None:
-                key = f"prediction_{why}"
-                self.state.rejected[key] = self.state.rejected.get(key, 0) + 1
-            elif f.asset == self.asset:
-                forecasts.append(f)
+        forecasts, preds = read_forecasts(self.client, self.predictions_key, self.asset,
+                                          self.state.predictions_id, c.stream_batch,
+                                          self.state.rejected)
         if preds:
             self.state.predictions_id = preds[-1][0]
         if tracker is not None:

@@ -36,7 +36,7 @@ import pandas as pd
 import redis
 
 from actors.loop_support import (EventSink, LoopMetrics, checkpoint_path, load_checkpoint,
-                                 read_entries, save_checkpoint, stream_tail_id)
+                                 read_entries, read_forecasts, save_checkpoint, stream_tail_id)
 from tickcast.config import Settings
 from tickcast.market.calendar import trading_calendar
 from tickcast.monitoring import metrics_names as mn
@@ -44,7 +44,6 @@ from tickcast.monitoring.events import event_from
 from tickcast.monitoring.book import book_stream_key, decode_book_entry
 from tickcast.monitoring.loop_state import SafetyTracker
 from tickcast.monitoring.safety import SafetyStatus
-from tickcast.monitoring.shadow_eval import parse_prediction
 from tickcast.storage.safety_store import publish_safety
 from tickcast.streams import prediction_stream_key
 from tickcast.ticks import NS_PER_S
@@ -185,16 +184,9 @@ class AssetSafety:
         if champion != tracker.champion:
             status = tracker.new_champion(champion, ts=tracker.last_done_ts)
             raw.extend(status.events)
-        preds = read_entries(self.client, self.predictions_key, self.state.predictions_id,
-                             c.stream_batch)
-        forecasts = []
-        for _eid, fields in preds:
-            f, why = parse_prediction(fields)
-            if f is None:
-                key = f"prediction_{why}"
-                self.state.rejected[key] = self.state.rejected.get(key, 0) + 1
-            elif f.asset == self.asset:
-                forecasts.append(f)
+        forecasts, preds = read_forecasts(self.client, self.predictions_key, self.asset,
+                                          self.state.predictions_id, c.stream_batch,
+                                          self.state.rejected)
         if preds:
             self.state.predictions_id = preds[-1][0]
         tracker.on_forecasts(forecasts)

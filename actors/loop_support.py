@@ -27,6 +27,7 @@ import redis
 from tickcast.config import Settings
 from tickcast.monitoring import metrics_names as mn
 from tickcast.monitoring.events import EventLog
+from tickcast.monitoring.shadow_eval import parse_prediction
 from tickcast.ray_runtime import NAMESPACE
 from tickcast.storage.breaker import CircuitBreaker
 from tickcast.storage.wal import GuardedWriter, WriteAheadLog
@@ -96,6 +97,26 @@ def read_entries(client: redis.Redis, key: str, after: str,
     """Up to ``count`` entries of ``key`` after id ``after`` (non-blocking)."""
     reply = client.xread({key: after}, count=count)
     return [(_id_text(eid), fields) for _stream, items in (reply or ()) for eid, fields in items]
+
+
+def read_forecasts(client: redis.Redis, key: str, asset: str, after: str, count: int,
+                   rejected: dict[str, int]) -> tuple[list[Any], list[tuple[str, Any]]]:
+    """``asset``'s logged forecasts after id ``after`` on ``key`` (a ``predictions:<ASSET>``
+    stream), and the raw entries read (the caller advances its cursor to the last one).
+
+    Malformed entries are counted in ``rejected`` by reason (``prediction_<why>``), never lost
+    silently; entries of another asset are skipped.
+    """
+    entries = read_entries(client, key, after, count)
+    forecasts = []
+    for _eid, fields in entries:
+        f, why = parse_prediction(fields)
+        if f is None:
+            name = f"prediction_{why}"
+            rejected[name] = rejected.get(name, 0) + 1
+        elif f.asset == asset:
+            forecasts.append(f)
+    return forecasts, entries
 
 
 def decode_features(fields: dict[bytes, bytes]) -> tuple[int, tuple[str, ...], np.ndarray] | None:
